@@ -229,6 +229,6 @@ def socks() -> Iterator[SocketFactory]:
 @pytest.fixture(params=[socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
 def inet_family(request) -> int:
     """Runs the test over IPv4 and IPv6 (IPv6 skipped where ::1 cannot be bound)."""
-    if request.param == socket.AF_INET6 and not sockets.ipv6_available():
-        pytest.skip("IPv6 loopback (::1) is not available on this system")
+    if request.param == socket.AF_INET6:
+        probes.require_ipv6()
     return request.param

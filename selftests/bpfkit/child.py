@@ -61,44 +61,59 @@ def _reaped(pid: int, grace: float) -> bool:
     return False
 
 
+class RunningChild:
+    """A forked child computing fn(); `result()` collects its answer under a deadline."""
+
+    def __init__(self, fn: Callable[[], Any], unprivileged: bool = False) -> None:
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            try:
+                _child_main(write_fd, fn, unprivileged)
+            finally:
+                os._exit(0)
+        os.close(write_fd)
+        self.pid = pid
+        self._read_fd = read_fd
+
+    def result(self, timeout: float) -> Any:
+        """fn()'s JSON-able return value; ChildTimeout (child killed) past the deadline."""
+        pid, read_fd = self.pid, self._read_fd
+        chunks = []
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ChildTimeout(f"child {pid} still running after {timeout:g} s")
+                ready, _, _ = select.select([read_fd], [], [], remaining)
+                if ready:
+                    chunk = os.read(read_fd, 1 << 16)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+        except ChildTimeout as timeout_error:
+            os.kill(pid, signal.SIGKILL)
+            if not _reaped(pid, REAP_GRACE):
+                # A child spinning in the kernel with interrupts off cannot die; say so
+                # rather than block the suite on it.
+                raise ChildTimeout(
+                    f"{timeout_error}; SIGKILL did not end it (stuck in kernel)"
+                ) from None
+            raise
+        else:
+            os.waitpid(pid, 0)
+        finally:
+            os.close(read_fd)
+        if not chunks:
+            raise ChildFailed(f"child {pid} exited without reporting a result")
+        payload = json.loads(b"".join(chunks))
+        if not payload["ok"]:
+            raise ChildFailed("child raised:\n" + payload["error"])
+        return payload["value"]
+
+
 def run_in_child(fn: Callable[[], Any], timeout: float, unprivileged: bool = False) -> Any:
     """fn() in a forked child; returns its JSON-able result, ChildTimeout past the deadline."""
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_fd)
-        try:
-            _child_main(write_fd, fn, unprivileged)
-        finally:
-            os._exit(0)
-    os.close(write_fd)
-    chunks = []
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise ChildTimeout(f"child {pid} still running after {timeout:g} s")
-            ready, _, _ = select.select([read_fd], [], [], remaining)
-            if ready:
-                chunk = os.read(read_fd, 1 << 16)
-                if not chunk:
-                    break
-                chunks.append(chunk)
-    except ChildTimeout as timeout_error:
-        os.kill(pid, signal.SIGKILL)
-        if not _reaped(pid, REAP_GRACE):
-            # A child spinning in the kernel with interrupts off cannot die; say so rather
-            # than block the suite on it.
-            raise ChildTimeout(f"{timeout_error}; SIGKILL did not end it (stuck in kernel)") from None
-        raise
-    else:
-        os.waitpid(pid, 0)
-    finally:
-        os.close(read_fd)
-    if not chunks:
-        raise ChildFailed(f"child {pid} exited without reporting a result")
-    payload = json.loads(b"".join(chunks))
-    if not payload["ok"]:
-        raise ChildFailed("child raised:\n" + payload["error"])
-    return payload["value"]
+    return RunningChild(fn, unprivileged).result(timeout)

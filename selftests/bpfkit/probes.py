@@ -165,3 +165,13 @@ def require(name: str) -> None:
 
     if not has(name):
         pytest.skip(missing_reason(name))
+
+
+def require_ipv6() -> None:
+    """Skip the calling test when ::1 cannot be bound (a guest or container without IPv6)."""
+    import pytest
+
+    from . import sockets
+
+    if not sockets.ipv6_available():
+        pytest.skip("IPv6 loopback (::1) is not available on this system")

@@ -34,3 +34,17 @@ def temporarily(name: str, value: str | int) -> Iterator[str]:
         yield previous
     finally:
         write(name, previous)
+
+
+@contextlib.contextmanager
+def at_least(name: str, minimum: int) -> Iterator[int]:
+    """Raise an integer sysctl to `minimum` for the block if it is lower; restore it after.
+
+    Yields the value in effect during the block.
+    """
+    current = int(read(name))
+    if current >= minimum:
+        yield current
+        return
+    with temporarily(name, minimum):
+        yield minimum

@@ -1,0 +1,340 @@
+"""sk storage from the program side: bpf_sk_storage_get/delete in a cgroup_skb egress program.
+
+The programs run on the egress path of sockets created inside a private cgroup, on real
+loopback traffic; every count is read back through the syscall API by socket fd.
+__sk_buff.sk (offset 168, 5.1+) is a sock_common pointer or NULL; bpf_sk_fullsock() makes
+it the full socket every kernel since 5.2 accepts as the helper's sk argument.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+
+import pytest
+from bpfkit import cgroup, maps, probes, prog, syscall
+from bpfkit.asm import (
+    ADD,
+    DW,
+    JEQ,
+    JNE,
+    R0,
+    R1,
+    R2,
+    R3,
+    R4,
+    R6,
+    R7,
+    R8,
+    R10,
+    W,
+    alu64_imm,
+    assemble,
+    atomic_add,
+    call,
+    exit_insn,
+    jmp_imm,
+    label,
+    ld_map_fd,
+    ldx_mem,
+    mov64_imm,
+    mov64_reg,
+    st_mem,
+    stx_mem,
+)
+
+pytestmark = pytest.mark.prog
+
+SKB_SK = 168  # offsetof(struct __sk_buff, sk)
+F_CREATE = syscall.BPF_SK_STORAGE_GET_F_CREATE
+EGRESS = syscall.BPF_CGROUP_INET_EGRESS
+
+# struct counter { __u32 packets; __u32 marker; }: marker is only ever set by the init value.
+COUNTER_SIZE = 8
+INIT_MARKER = 0x5EED1234
+
+
+def fullsock_prologue() -> list:
+    """r7 = the full socket of the packet, or jump to "out" when there is none."""
+    return [
+        mov64_reg(R6, R1),                  # r6 = skb (ctx)
+        ldx_mem(DW, R1, R6, SKB_SK),        # r1 = skb->sk: sock_common or NULL
+        jmp_imm(JEQ, R1, 0, "out"),         # no socket: nothing to count
+        call("sk_fullsock"),                # r0 = full socket, NULL for request/timewait socks
+        jmp_imm(JEQ, R0, 0, "out"),
+        mov64_reg(R7, R0),                  # r7 = sk, kept across calls (callee-saved)
+    ]
+
+
+def allow_and_exit() -> list:
+    """The shared epilogue: every path lets the packet through."""
+    return [
+        label("out"),
+        mov64_imm(R0, 1),                   # 1 = allow the packet
+        exit_insn(),
+    ]
+
+
+def counting_program(map_fd: int) -> bytes:
+    """Count egress packets per socket in its storage, created on first use from an init value."""
+    return assemble(fullsock_prologue() + [
+        st_mem(W, R10, -8, 0),              # init.packets = 0 (stack slot fp-8)
+        st_mem(W, R10, -4, INIT_MARKER),    # init.marker = INIT_MARKER
+        ld_map_fd(R1, map_fd),              # r1 = the sk storage map
+        mov64_reg(R2, R7),                  # r2 = sk
+        mov64_reg(R3, R10),
+        alu64_imm(ADD, R3, -8),             # r3 = &init (copied into new storage)
+        mov64_imm(R4, F_CREATE),            # r4 = BPF_SK_STORAGE_GET_F_CREATE
+        call("sk_storage_get"),             # r0 = this socket's counter or NULL
+        jmp_imm(JEQ, R0, 0, "out"),
+        mov64_imm(R1, 1),
+        atomic_add(W, R0, R1, 0),           # lock counter->packets += 1
+    ] + allow_and_exit())
+
+
+def deleting_program(map_fd: int) -> bytes:
+    """Delete the sending socket's storage on every egress packet."""
+    return assemble(fullsock_prologue() + [
+        ld_map_fd(R1, map_fd),              # r1 = the sk storage map
+        mov64_reg(R2, R7),                  # r2 = sk
+        call("sk_storage_delete"),          # r0 = 0 or -ENOENT, ignored
+    ] + allow_and_exit())
+
+
+def flags_program(map_fd: int, results_fd: int, flags: int) -> bytes:
+    """Call bpf_sk_storage_get with `flags`; count NULL results in results[0], others in [1]."""
+    return assemble(fullsock_prologue() + [
+        ld_map_fd(R1, map_fd),              # r1 = the sk storage map
+        mov64_reg(R2, R7),                  # r2 = sk
+        mov64_imm(R3, 0),                   # r3 = no init value
+        mov64_imm(R4, flags),               # r4 = the flags under test
+        call("sk_storage_get"),
+        mov64_imm(R8, 0),                   # r8 = results index: 0 for NULL...
+        jmp_imm(JEQ, R0, 0, "record"),
+        mov64_imm(R8, 1),                   # ...1 for a storage pointer
+        label("record"),
+        stx_mem(W, R10, R8, -4),            # key = r8 on the stack at fp-4
+        ld_map_fd(R1, results_fd),          # r1 = the results array
+        mov64_reg(R2, R10),
+        alu64_imm(ADD, R2, -4),             # r2 = &key
+        call("map_lookup_elem"),            # r0 = &results[key] or NULL
+        jmp_imm(JEQ, R0, 0, "out"),
+        mov64_imm(R1, 1),
+        atomic_add(DW, R0, R1, 0),          # lock results[key] += 1
+    ] + allow_and_exit())
+
+
+def load_egress(program: bytes, closing) -> int:
+    """Load a cgroup_skb program (attached to egress by the caller)."""
+    return closing(prog.load_program(
+        syscall.BPF_PROG_TYPE_CGROUP_SKB, program, expected_attach_type=EGRESS
+    ))
+
+
+def counter(map_fd: int, sock: socket.socket) -> tuple[int, int] | None:
+    """(packets, marker) from the socket's storage, None when it has none (ENOENT)."""
+    try:
+        raw = maps.lookup(map_fd, sock.fileno(), COUNTER_SIZE)
+    except syscall.BpfError as err:
+        if err.errno == errno.ENOENT:
+            return None
+        raise
+    return struct.unpack("=II", raw)
+
+
+def send_datagrams(sender: socket.socket, receiver: socket.socket, count: int) -> None:
+    """Send `count` datagrams and receive them all, so each one surely left the sender."""
+    for i in range(count):
+        sender.send(b"datagram %d" % i)
+    receiver.settimeout(5)
+    for _ in range(count):
+        receiver.recv(64)
+
+
+def test_egress_counts_exact_datagrams_per_udp_socket(
+    inet_family, new_storage_map, closing, test_cgroup, cgroup_fd, socks,
+):
+    """K UDP sockets sending N_k datagrams each read back exactly N_k; init marker honoured."""
+    map_fd = new_storage_map(COUNTER_SIZE)
+    prog_fd = load_egress(counting_program(map_fd), closing)
+    sends = [1, 2, 5, 11]
+    with prog.attached(prog_fd, cgroup_fd, EGRESS), cgroup.joined(test_cgroup):
+        pairs = [socks.udp_pair(inet_family) for _ in sends]
+        for (sender, receiver), count in zip(pairs, sends):
+            send_datagrams(sender, receiver, count)
+    for (sender, receiver), count in zip(pairs, sends):
+        assert counter(map_fd, sender) == (count, INIT_MARKER)
+        # Receivers sent nothing, so the egress program never gave them storage.
+        assert counter(map_fd, receiver) is None
+
+
+def test_run_stats_count_every_egress_packet(
+    new_storage_map, closing, test_cgroup, cgroup_fd, socks,
+):
+    """With run-time stats on, run_cnt equals the packets sent and prog info names the map."""
+    map_fd = new_storage_map(COUNTER_SIZE)
+    prog_fd = load_egress(counting_program(map_fd), closing)
+    with prog.run_time_stats():
+        with prog.attached(prog_fd, cgroup_fd, EGRESS), cgroup.joined(test_cgroup):
+            sender, receiver = socks.udp_pair(socket.AF_INET)
+            send_datagrams(sender, receiver, 7)
+        info = prog.prog_info(prog_fd)
+    assert info.type == syscall.BPF_PROG_TYPE_CGROUP_SKB
+    assert info.map_ids == (maps.map_info(map_fd).id,)
+    assert info.run_cnt == 7 == counter(map_fd, sender)[0]
+    assert info.run_time_ns > 0
+
+
+def test_tcp_sockets_get_storage_from_their_own_egress(
+    inet_family, new_storage_map, closing, test_cgroup, cgroup_fd, socks,
+):
+    """Client and listener count their handshake packets; the accepted child starts bare."""
+    map_fd = new_storage_map(COUNTER_SIZE)
+    prog_fd = load_egress(counting_program(map_fd), closing)
+    with prog.attached(prog_fd, cgroup_fd, EGRESS), cgroup.joined(test_cgroup):
+        conn = socks.tcp_connection(inet_family)
+        # SYN and the final ACK left the client; the SYN-ACK counted for the listener, which
+        # the egress hook substitutes for the request socket.
+        client_before = counter(map_fd, conn.client)
+        listener_before = counter(map_fd, conn.listener)
+        assert client_before is not None and client_before[0] >= 2
+        assert listener_before is not None and listener_before[0] >= 1
+        # The child has sent nothing yet and sk storage is not inherited without BPF_F_CLONE.
+        assert counter(map_fd, conn.accepted) is None
+        conn.accepted.sendall(b"from the child")
+        conn.client.settimeout(5)
+        assert conn.client.recv(64) == b"from the child"
+    child = counter(map_fd, conn.accepted)
+    assert child is not None and child[0] >= 1 and child[1] == INIT_MARKER
+    # The listener never sent again: its count did not move with the child's traffic.
+    assert counter(map_fd, conn.listener) == listener_before
+
+
+def test_helper_delete_removes_the_element(
+    new_storage_map, closing, test_cgroup, cgroup_fd, socks,
+):
+    """bpf_sk_storage_delete from the egress path removes the sender's storage, only its own."""
+    map_fd = new_storage_map(COUNTER_SIZE)
+    prog_fd = load_egress(deleting_program(map_fd), closing)
+    with prog.attached(prog_fd, cgroup_fd, EGRESS), cgroup.joined(test_cgroup):
+        sender, receiver = socks.udp_pair(socket.AF_INET)
+        bystander = socks.bound(socket.AF_INET, socket.SOCK_DGRAM)
+        for sock in (sender, bystander):
+            maps.update(map_fd, sock.fileno(), struct.pack("=II", 3, 4))
+        send_datagrams(sender, receiver, 1)
+    assert counter(map_fd, sender) is None
+    assert counter(map_fd, bystander) == (3, 4)
+
+
+@pytest.mark.parametrize("flags", [F_CREATE | 2, F_CREATE | (1 << 20), 2])
+def test_flags_above_create_return_null_and_create_nothing(
+    flags, new_storage_map, closing, test_cgroup, cgroup_fd, socks,
+):
+    """bpf_sk_storage_get with unknown flag bits returns NULL and leaves the socket bare."""
+    map_fd = new_storage_map(COUNTER_SIZE)
+    results = closing(maps.create_map(syscall.BPF_MAP_TYPE_ARRAY, 4, 8, 2))
+    prog_fd = load_egress(flags_program(map_fd, results, flags), closing)
+    with prog.attached(prog_fd, cgroup_fd, EGRESS), cgroup.joined(test_cgroup):
+        sender, receiver = socks.udp_pair(socket.AF_INET)
+        send_datagrams(sender, receiver, 3)
+    null_results = struct.unpack("=Q", maps.lookup_elem(results, struct.pack("=I", 0), 8))[0]
+    storage_results = struct.unpack("=Q", maps.lookup_elem(results, struct.pack("=I", 1), 8))[0]
+    assert (null_results, storage_results) == (3, 0)
+    assert counter(map_fd, sender) is None
+
+
+def test_flags_program_counts_storage_with_plain_create(
+    new_storage_map, closing, test_cgroup, cgroup_fd, socks,
+):
+    """The control for the flags test: with F_CREATE alone the same program gets storage."""
+    map_fd = new_storage_map(COUNTER_SIZE)
+    results = closing(maps.create_map(syscall.BPF_MAP_TYPE_ARRAY, 4, 8, 2))
+    prog_fd = load_egress(flags_program(map_fd, results, F_CREATE), closing)
+    with prog.attached(prog_fd, cgroup_fd, EGRESS), cgroup.joined(test_cgroup):
+        sender, receiver = socks.udp_pair(socket.AF_INET)
+        send_datagrams(sender, receiver, 3)
+    storage_results = struct.unpack("=Q", maps.lookup_elem(results, struct.pack("=I", 1), 8))[0]
+    assert storage_results == 3
+    assert counter(map_fd, sender) == (0, 0)
+
+
+# --- verifier rejections ---------------------------------------------------------------
+
+def storage_get_program(map_fd: int, sk_arg: str, helper: str = "sk_storage_get") -> bytes:
+    """bpf_sk_storage_get(map, <sk_arg>, NULL, F_CREATE) where sk_arg picks what r2 holds."""
+    r2 = {
+        "socket": mov64_reg(R2, R7),         # r2 = the full socket: correct
+        "ctx": mov64_reg(R2, R6),            # r2 = the skb context: not a socket
+        "scalar": mov64_imm(R2, 0x1234),     # r2 = a number: not a pointer at all
+    }[sk_arg]
+    return assemble(fullsock_prologue() + [
+        ld_map_fd(R1, map_fd),               # r1 = map
+        r2,
+        mov64_imm(R3, 0),                    # r3 = no init value
+        mov64_imm(R4, F_CREATE),
+        call(helper),
+    ] + allow_and_exit())
+
+
+def map_lookup_program(map_fd: int) -> bytes:
+    """bpf_map_lookup_elem(map, &key) with a 4-byte zero key on the stack."""
+    return assemble([
+        st_mem(W, R10, -4, 0),               # key = 0 at fp-4
+        ld_map_fd(R1, map_fd),               # r1 = map
+        mov64_reg(R2, R10),
+        alu64_imm(ADD, R2, -4),              # r2 = &key
+        call("map_lookup_elem"),
+        jmp_imm(JNE, R0, 0, "out"),          # the result is not used either way
+    ] + allow_and_exit())
+
+
+def rejection(program: bytes) -> syscall.BpfError:
+    """The verifier's rejection of a program that must not load (a loaded one fails the test)."""
+    try:
+        fd = prog.load_program(syscall.BPF_PROG_TYPE_CGROUP_SKB, program,
+                               expected_attach_type=EGRESS)
+    except syscall.BpfError as err:
+        assert err.command == "BPF_PROG_LOAD"
+        return err
+    os.close(fd)
+    pytest.fail("the verifier accepted the program")
+
+
+def test_storage_get_with_socket_loads(storage_map, closing):
+    """The control for the rejections below: the correct call passes the verifier."""
+    fd = load_egress(storage_get_program(storage_map, "socket"), closing)
+    assert prog.prog_info(fd).map_ids == (maps.map_info(storage_map).id,)
+
+
+@pytest.mark.parametrize("sk_arg", ["ctx", "scalar"])
+def test_verifier_rejects_non_socket_sk_argument(storage_map, sk_arg):
+    """A context pointer or a scalar as the sk argument is refused with EACCES."""
+    err = rejection(storage_get_program(storage_map, sk_arg))
+    assert err.errno == errno.EACCES
+    assert f"R2 type={sk_arg}" in err.detail
+
+
+def test_verifier_rejects_other_map_type_for_storage_get(closing):
+    """An array map passed to bpf_sk_storage_get is refused with EINVAL."""
+    array = closing(maps.create_map(syscall.BPF_MAP_TYPE_ARRAY, 4, 8, 1))
+    err = rejection(storage_get_program(array, "socket"))
+    assert err.errno == errno.EINVAL
+    assert "cannot pass map_type 2 into func bpf_sk_storage_get" in err.detail
+
+
+def test_verifier_rejects_storage_map_for_map_lookup_elem(storage_map, closing):
+    """An sk storage map passed to bpf_map_lookup_elem is refused with EINVAL; an array loads."""
+    err = rejection(map_lookup_program(storage_map))
+    assert err.errno == errno.EINVAL
+    assert "cannot pass map_type 24 into func bpf_map_lookup_elem" in err.detail
+    array = closing(maps.create_map(syscall.BPF_MAP_TYPE_ARRAY, 4, 8, 1))
+    load_egress(map_lookup_program(array), closing)
+
+
+def test_run_stats_mechanism_is_available():
+    """run_time_ns/run_cnt need BPF_ENABLE_STATS (5.8) or the older sysctl; one must work."""
+    with prog.run_time_stats() as mechanism:
+        expected = "BPF_ENABLE_STATS" if probes.has("enable_stats") else "kernel.bpf_stats_enabled"
+        assert mechanism == expected
