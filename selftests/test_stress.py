@@ -1,0 +1,284 @@
+"""Concurrency stress: map free racing socket close, and update racing delete on one socket.
+
+The map-free race runs threads (ctypes and close() drop the GIL while in the kernel,
+and the map itself is freed by a kernel worker concurrently with them); the one-socket
+race forks processes, so updates and deletes overlap in the kernel on both CPUs.  Each
+test also reads the kernel log itself and fails on any splat, on top of the guard.
+
+Scale, from the environment (defaults finish in about 30 s under QEMU TCG emulation,
+about 1 s on the 2-core development machine):
+  SK_STORAGE_STRESS_THREADS  workers per race: threads in the map-free race, processes
+                             in the one-socket race (default 4)
+  SK_STORAGE_STRESS_SOCKETS  sockets per worker in the map-free race (default 48)
+  SK_STORAGE_STRESS_ROUNDS   rounds of the map-free race (default 10)
+  SK_STORAGE_STRESS_OPS      update/delete calls per worker in the one-socket race
+                             (default 30000)
+  SK_STORAGE_STRESS_TIMEOUT  seconds before a hung race process fails the test (default 300)
+  SK_STORAGE_CLEANUP_TIMEOUT seconds to wait for deferred frees (default 30)
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+from bpfkit import elements, kmsg, maps, sockdiag, sockets, splats, syscall
+
+pytestmark = pytest.mark.stress
+
+
+def _scale(name: str, default: int) -> int:
+    raw = os.environ.get(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise pytest.UsageError(f"{name}={raw!r} is not a whole number; set it to e.g. {default}")
+    if value < 1:
+        raise pytest.UsageError(f"{name}={value} must be at least 1")
+    return value
+
+
+THREADS = _scale("SK_STORAGE_STRESS_THREADS", 4)
+SOCKETS = _scale("SK_STORAGE_STRESS_SOCKETS", 48)
+ROUNDS = _scale("SK_STORAGE_STRESS_ROUNDS", 10)
+OPS = _scale("SK_STORAGE_STRESS_OPS", 30000)
+CLEANUP_TIMEOUT = float(os.environ.get("SK_STORAGE_CLEANUP_TIMEOUT", "30"))
+# A race that has not ended by then is hung in the kernel, not slow.
+RACE_TIMEOUT = float(os.environ.get("SK_STORAGE_STRESS_TIMEOUT", "300"))
+VALUE_SIZE = 16
+
+
+@pytest.fixture
+def no_splat():
+    """Fail the test if the kernel logged a splat while it ran (read here, not only by the guard)."""
+    with kmsg.KernelLog() as log:
+        yield
+        found = splats.find_splats(log.read_new())
+        assert not found, splats.describe(found)
+        assert log.lost == 0, f"{log.lost} kernel log records were overwritten unread"
+
+
+def run_threads(workers: list[Callable[[], None]]) -> None:
+    """Run each worker in its own thread; re-raise the first failure after all have ended."""
+    failures: list[BaseException] = []
+
+    def guarded(work: Callable[[], None]) -> None:
+        try:
+            work()
+        except BaseException as err:  # noqa: BLE001 - reported in the main thread
+            failures.append(err)
+
+    threads = [threading.Thread(target=guarded, args=(w,)) for w in workers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+
+
+def worker_sockets(family: int, count: int) -> list[socket.socket]:
+    """Half UDP sockets, half TCP: connected clients with their accepted children."""
+    made = [sockets.bound_socket(family, socket.SOCK_DGRAM) for _ in range(count - count // 2)]
+    listener = sockets.tcp_listener(family, backlog=count)
+    try:
+        for _ in range(count // 4):
+            conn = sockets.tcp_connection(family, listener)
+            made += [conn.client, conn.accepted]
+    finally:
+        listener.close()
+    return made
+
+
+def map_free_round(round_number: int, families: list[int]) -> None:
+    """One round: THREADS workers give storage to their sockets, then drop the map and close."""
+    map_fd = maps.create_sk_storage_map(VALUE_SIZE, name="stress_free")
+    map_id = maps.map_info(map_fd).id
+    # Each worker holds the map through its own fd; whichever closes last frees it, while
+    # the others are still closing sockets.
+    worker_fds = [os.dup(map_fd) for _ in range(THREADS)]
+    os.close(map_fd)
+    start = threading.Barrier(THREADS)
+    survivors: list[socket.socket] = []
+    survivor_baselines: list[int] = []
+    lock = threading.Lock()
+
+    def worker(index: int) -> None:
+        family = families[index % len(families)]
+        mine = worker_sockets(family, SOCKETS)
+        baseline = sockdiag.socket_record(mine[0]).optmem
+        for n, sock in enumerate(mine):
+            maps.update(worker_fds[index], sock.fileno(),
+                        struct.pack("=QQ", round_number, index << 32 | n))
+        start.wait()
+        # Close every other socket, give up the map, close the rest but one UDP socket,
+        # which outlives the map and must get its memory back.
+        for sock in mine[1::2]:
+            sock.close()
+        os.close(worker_fds[index])
+        for sock in mine[2::2]:
+            sock.close()
+        with lock:
+            survivors.append(mine[0])
+            survivor_baselines.append(baseline)
+
+    try:
+        run_threads([lambda i=i: worker(i) for i in range(THREADS)])
+        reached, _ = elements.wait_for(
+            lambda: int(map_id not in maps.map_ids()), 1, CLEANUP_TIMEOUT)
+        assert reached, f"round {round_number}: map id {map_id} outlived its last fd"
+        reached, last = elements.wait_for(
+            lambda: sum(sockdiag.socket_record(s).optmem for s in survivors),
+            sum(survivor_baselines), CLEANUP_TIMEOUT)
+        assert reached, (f"round {round_number}: survivors charged {last} bytes, "
+                         f"{sum(survivor_baselines)} before they had storage")
+    finally:
+        for sock in survivors:
+            sock.close()
+
+
+def test_map_freed_while_sockets_close_concurrently(no_splat):
+    """Threads give storage to their sockets, then drop map refs and close sockets at once."""
+    families = [socket.AF_INET, socket.AF_INET6] if sockets.ipv6_available() else [
+        socket.AF_INET]
+    for round_number in range(ROUNDS):
+        map_free_round(round_number, families)
+
+
+def run_processes(workers: list[Callable[[], object]], timeout: float) -> list[object]:
+    """Run each worker in a forked child at once; return their JSON results in order.
+
+    Threads would take turns on the GIL between bpf(2) calls; processes race for real.
+    A child still running at the deadline is killed and fails the test.
+    """
+    children = []
+    # Every child blocks reading this pipe; closing its write end releases all at once, so
+    # the first child forked has not finished before the last one starts.
+    go_read, go_write = os.pipe()
+    for work in workers:
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            os.close(go_write)
+            os.read(go_read, 1)
+            status = 0
+            try:
+                payload = {"ok": True, "value": work()}
+            except BaseException as err:  # noqa: BLE001 - reported to the parent
+                payload = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+                status = 1
+            with os.fdopen(write_fd, "w") as out:
+                out.write(json.dumps(payload))
+            os._exit(status)
+        os.close(write_fd)
+        children.append((pid, read_fd))
+    os.close(go_read)
+    os.close(go_write)
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for pid, read_fd in children:
+            chunks = []
+            while True:
+                remaining = deadline - time.monotonic()
+                ready, _, _ = select.select([read_fd], [], [], max(remaining, 0))
+                if not ready:
+                    raise AssertionError(f"stress child {pid} still running after {timeout:g} s")
+                chunk = os.read(read_fd, 1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            payload = json.loads(b"".join(chunks) or b'{"ok": false, "error": "no result"}')
+            assert payload["ok"], f"stress child {pid} failed: {payload['error']}"
+            results.append(payload["value"])
+    finally:
+        for pid, read_fd in children:
+            os.close(read_fd)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+    return results
+
+
+def test_update_racing_delete_on_one_socket(storage_map, socks, no_splat):
+    """Updaters and deleters on one socket fail only with EAGAIN/ENOENT; lookups never tear."""
+    sock = socks.bound(socket.AF_INET, socket.SOCK_DGRAM)
+    baseline = sockdiag.socket_record(sock).optmem
+    # Each value repeats one byte, so a value made of two writes would show.
+    values = [bytes([0x11 * (i + 1)]) * 8 for i in range(4)]
+
+    def updater(index: int) -> dict[str, int]:
+        outcomes: Counter = Counter()
+        for n in range(OPS):
+            try:
+                maps.update(storage_map, sock.fileno(), values[(index + n) % len(values)])
+                outcomes["update ok"] += 1
+            except syscall.BpfError as err:
+                outcomes[f"update {syscall.errno_name(err.errno)}"] += 1
+        return dict(outcomes)
+
+    def deleter() -> dict[str, int]:
+        outcomes: Counter = Counter()
+        for _ in range(OPS):
+            try:
+                maps.delete(storage_map, sock.fileno())
+                outcomes["delete ok"] += 1
+            except syscall.BpfError as err:
+                outcomes[f"delete {syscall.errno_name(err.errno)}"] += 1
+        return dict(outcomes)
+
+    def reader() -> list[str]:
+        seen = set()
+        for _ in range(OPS):
+            try:
+                seen.add(maps.lookup(storage_map, sock.fileno(), 8).hex())
+            except syscall.BpfError as err:
+                if err.errno != errno.ENOENT:
+                    raise
+        return sorted(seen)
+
+    updaters = max(1, THREADS // 2)
+    deleters = max(1, THREADS - updaters)
+    *counts, seen = run_processes(
+        [lambda i=i: updater(i) for i in range(updaters)] + [deleter] * deleters + [reader],
+        timeout=RACE_TIMEOUT)
+    outcomes: Counter = Counter()
+    for count in counts:
+        outcomes.update(count)
+
+    allowed = {"update ok", "delete ok", "update EAGAIN", "delete ENOENT"}
+    assert set(outcomes) <= allowed, f"unexpected outcomes: {dict(outcomes)}"
+    assert outcomes["update ok"] > 0 and outcomes["delete ok"] > 0, dict(outcomes)
+    assert sum(outcomes.values()) == OPS * (updaters + deleters)
+    torn = {bytes.fromhex(v) for v in seen} - set(values)
+    assert not torn, f"torn or foreign values read: {torn}"
+
+    # Whatever won last, the socket, its memory and the map agree on it.
+    try:
+        final = maps.lookup(storage_map, sock.fileno(), 8)
+    except syscall.BpfError as err:
+        assert err.errno == errno.ENOENT
+        final = None
+    charged = sockdiag.socket_record(sock).optmem
+    if final is None:
+        assert charged == baseline, f"no element left, yet {charged - baseline} bytes charged"
+    else:
+        assert final in values
+        assert charged > baseline
+    maps.update(storage_map, sock.fileno(), values[0])
+    maps.delete(storage_map, sock.fileno())
+    assert sockdiag.socket_record(sock).optmem == baseline
+    print(f"one-socket race outcomes: {dict(outcomes)}")

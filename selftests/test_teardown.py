@@ -1,0 +1,235 @@
+"""Storage cleanup when sockets go away: nothing of a closed socket stays in the map.
+
+A closed socket has no fd and no sock_diag record, so what it left behind is read from
+the map itself (bpfkit.elements: the project patch's fdinfo count or a bpf_iter program).
+A socket's storage is freed when the socket is destroyed, which for TCP can come after
+close() (FIN handshake, RCU-deferred free), so every "it is gone" is a bounded wait
+that fails with the last value seen.  Memory is read where the kernel charges it:
+sk_omem_alloc, reported as SK_MEMINFO_OPTMEM by sock_diag.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import struct
+from collections.abc import Iterator
+
+import pytest
+from bpfkit import elements, maps, probes, sockdiag, sockets, syscall, sysctl
+
+pytestmark = pytest.mark.teardown
+
+# Generous: a wait ends as soon as the expected value is seen, and under TCG emulation
+# an RCU grace period plus a TCP FIN exchange can take seconds.
+CLEANUP_TIMEOUT = float(os.environ.get("SK_STORAGE_CLEANUP_TIMEOUT", "30"))
+SOCKETS_PER_KIND = 6
+VALUE_SIZE = 8
+
+
+@pytest.fixture
+def count_elements() -> Iterator:
+    """Factory: an ElementCounter for a map, skipping when the kernel offers no way to count."""
+    counters: list[elements.ElementCounter] = []
+
+    def make(map_fd: int) -> elements.ElementCounter:
+        try:
+            counter = elements.ElementCounter(map_fd)
+        except LookupError as err:
+            pytest.skip(str(err))
+        counters.append(counter)
+        return counter
+
+    yield make
+    for counter in counters:
+        counter.close()
+
+
+def value_for(index: int) -> bytes:
+    """A value that names its socket, so a mix-up between sockets shows."""
+    return struct.pack("=Q", 0x5EED_0000_0000 + index)
+
+
+def lookup_errno(map_fd: int, sock: socket.socket) -> int:
+    """The errno of a lookup that must fail (it returning a value fails the test)."""
+    with pytest.raises(syscall.BpfError) as raised:
+        maps.lookup(map_fd, sock.fileno(), VALUE_SIZE)
+    return raised.value.errno
+
+
+def optmem(sock: socket.socket) -> int:
+    """sk_omem_alloc of a live socket, as sock_diag reports it."""
+    return sockdiag.socket_record(sock).optmem
+
+
+def families() -> list[int]:
+    """IPv4, and IPv6 when ::1 is usable here."""
+    return [socket.AF_INET, socket.AF_INET6] if sockets.ipv6_available() else [socket.AF_INET]
+
+
+def sockets_of_every_kind(socks, family: int) -> list[socket.socket]:
+    """UDP sockets, a TCP listener, connected clients and their accepted children."""
+    made = [socks.bound(family, socket.SOCK_DGRAM) for _ in range(SOCKETS_PER_KIND)]
+    listener = socks.tcp_listener(family)
+    made.append(listener)
+    for _ in range(SOCKETS_PER_KIND):
+        conn = socks.tcp_connection(family, listener)
+        made += [conn.client, conn.accepted]
+    return made
+
+
+def test_closed_sockets_leave_no_storage_in_the_map(storage_map, socks, count_elements):
+    """Every kind of socket, v4 and v6: after close() the map's element count returns to 0."""
+    counter = count_elements(storage_map)
+    assert counter.count() == 0
+    everything = [s for family in families() for s in sockets_of_every_kind(socks, family)]
+    for index, sock in enumerate(everything):
+        maps.update(storage_map, sock.fileno(), value_for(index))
+    assert counter.count() == len(everything)
+    for index, sock in enumerate(everything):
+        assert maps.lookup(storage_map, sock.fileno(), VALUE_SIZE) == value_for(index)
+
+    socks.close_all()
+    reached, last = elements.wait_for_count(counter, 0, CLEANUP_TIMEOUT)
+    assert reached, (f"{last} of {len(everything)} elements still in the map "
+                     f"{CLEANUP_TIMEOUT:g} s after their sockets closed ({counter.method})")
+
+    # The map outlives the sockets and serves new ones.
+    fresh = socks.bound(socket.AF_INET, socket.SOCK_DGRAM)
+    maps.update(storage_map, fresh.fileno(), value_for(999))
+    assert maps.lookup(storage_map, fresh.fileno(), VALUE_SIZE) == value_for(999)
+    assert counter.count() == 1
+    maps.delete(storage_map, fresh.fileno())
+    assert counter.count() == 0
+
+
+def test_accepted_child_inherits_only_clone_maps(inet_family, new_storage_map, socks,
+                                                 count_elements):
+    """A listener's storage reaches its accepted child in a BPF_F_CLONE map only, as a copy."""
+    probes.require("clone_flag")
+    clone_map = new_storage_map(
+        VALUE_SIZE, map_flags=syscall.BPF_F_NO_PREALLOC | syscall.BPF_F_CLONE)
+    plain_map = new_storage_map(VALUE_SIZE)
+    listener = socks.tcp_listener(inet_family)
+    maps.update(clone_map, listener.fileno(), value_for(1))
+    maps.update(plain_map, listener.fileno(), value_for(2))
+
+    conn = socks.tcp_connection(inet_family, listener)
+
+    assert maps.lookup(clone_map, conn.accepted.fileno(), VALUE_SIZE) == value_for(1)
+    assert lookup_errno(plain_map, conn.accepted) == errno.ENOENT
+    # The connecting side is not a clone of anything.
+    assert lookup_errno(clone_map, conn.client) == errno.ENOENT
+    assert lookup_errno(plain_map, conn.client) == errno.ENOENT
+    # The child got its own element, not a view of the listener's.
+    maps.update(clone_map, conn.accepted.fileno(), value_for(3))
+    assert maps.lookup(clone_map, listener.fileno(), VALUE_SIZE) == value_for(1)
+    assert count_elements(clone_map).count() == 2
+    assert count_elements(plain_map).count() == 1
+
+
+def test_closing_the_child_keeps_the_listeners_storage(inet_family, new_storage_map, socks,
+                                                       count_elements):
+    """The child's cloned element goes with the child; the listener keeps value and optmem."""
+    probes.require("clone_flag")
+    clone_map = new_storage_map(
+        VALUE_SIZE, map_flags=syscall.BPF_F_NO_PREALLOC | syscall.BPF_F_CLONE)
+    listener = socks.tcp_listener(inet_family)
+    maps.update(clone_map, listener.fileno(), value_for(7))
+    listener_optmem = optmem(listener)
+    counter = count_elements(clone_map)
+
+    conn = socks.tcp_connection(inet_family, listener)
+    assert counter.count() == 2
+    conn.accepted.close()
+    reached, last = elements.wait_for_count(counter, 1, CLEANUP_TIMEOUT)
+    assert reached, f"{last} elements after the child closed, expected the listener's 1"
+
+    assert maps.lookup(clone_map, listener.fileno(), VALUE_SIZE) == value_for(7)
+    assert optmem(listener) == listener_optmem
+    # The listener still clones into the next child.
+    again = socks.tcp_connection(inet_family, listener)
+    assert maps.lookup(clone_map, again.accepted.fileno(), VALUE_SIZE) == value_for(7)
+
+
+SOCKET_KINDS = ["udp", "tcp_listener", "tcp_client", "tcp_accepted"]
+
+
+def socket_of_kind(socks, family: int, kind: str) -> socket.socket:
+    """One live socket of the named kind."""
+    if kind == "udp":
+        return socks.bound(family, socket.SOCK_DGRAM)
+    if kind == "tcp_listener":
+        return socks.tcp_listener(family)
+    conn = socks.tcp_connection(family)
+    return conn.client if kind == "tcp_client" else conn.accepted
+
+
+@pytest.mark.parametrize("kind", SOCKET_KINDS)
+def test_optmem_returns_to_baseline_after_delete(inet_family, kind, new_storage_map, socks):
+    """Each element charges sk_omem_alloc; deleting them gives every byte back."""
+    first, second = new_storage_map(VALUE_SIZE), new_storage_map(64)
+    sock = socket_of_kind(socks, inet_family, kind)
+    baseline = optmem(sock)
+
+    maps.update(first, sock.fileno(), value_for(1))
+    with_first = optmem(sock)
+    maps.update(second, sock.fileno(), bytes(range(64)))
+    with_both = optmem(sock)
+    # The first element also pays for the socket's storage header, the second only for
+    # itself, and the bigger value costs more.
+    assert with_first > baseline
+    assert with_both - with_first > 0
+
+    maps.delete(second, sock.fileno())
+    assert optmem(sock) == with_first
+    maps.delete(first, sock.fileno())
+    assert optmem(sock) == baseline
+    assert lookup_errno(first, sock) == errno.ENOENT
+
+
+@pytest.mark.parametrize("kind", ["tcp_client", "tcp_accepted"])
+def test_sock_diag_reports_storage_until_delete(inet_family, kind, new_storage_map, socks):
+    """The storage dump of a TCP socket shows each map's value, and nothing once deleted."""
+    probes.require("diag_storages")
+    first, second = new_storage_map(VALUE_SIZE), new_storage_map(64)
+    sock = socket_of_kind(socks, inet_family, kind)
+    maps.update(first, sock.fileno(), value_for(5))
+    maps.update(second, sock.fileno(), bytes(range(64)))
+    ids = maps.map_info(first).id, maps.map_info(second).id
+
+    record = sockdiag.socket_record(sock, map_fds=[first, second])
+    assert record.storages == {ids[0]: value_for(5), ids[1]: bytes(range(64))}
+    maps.delete(first, sock.fileno())
+    assert sockdiag.socket_record(sock, map_fds=[first, second]).storages == {
+        ids[1]: bytes(range(64))}
+    maps.delete(second, sock.fileno())
+    assert sockdiag.socket_record(sock, map_fds=[first, second]).storages == {}
+
+
+def test_update_beyond_optmem_max_is_enomem(new_storage_map, socks):
+    """An element that would take sk_omem_alloc past net.core.optmem_max is refused, ENOMEM."""
+    map_fd = new_storage_map(VALUE_SIZE)
+    # What one first element costs, measured on a socket of the same kind.
+    probe = socks.bound(socket.AF_INET, socket.SOCK_DGRAM)
+    probe_baseline = optmem(probe)
+    maps.update(map_fd, probe.fileno(), value_for(0))
+    cost = optmem(probe) - probe_baseline
+    assert cost > 0
+
+    sock = socks.bound(socket.AF_INET, socket.SOCK_DGRAM)
+    baseline = optmem(sock)
+    original = sysctl.read("net.core.optmem_max")
+    with sysctl.temporarily("net.core.optmem_max", baseline + cost - 1):
+        with pytest.raises(syscall.BpfError) as raised:
+            maps.update(map_fd, sock.fileno(), value_for(1))
+        assert raised.value.errno == errno.ENOMEM
+        # Nothing half-made: no element, no charge left behind.
+        assert lookup_errno(map_fd, sock) == errno.ENOENT
+        assert optmem(sock) == baseline
+    assert sysctl.read("net.core.optmem_max") == original
+
+    maps.update(map_fd, sock.fileno(), value_for(1))
+    assert maps.lookup(map_fd, sock.fileno(), VALUE_SIZE) == value_for(1)
+    assert optmem(sock) == baseline + cost
