@@ -5,6 +5,9 @@ Two things matter to the sk storage tests:
   memory sk storage charges to a socket;
 - INET_DIAG_REQ_SK_BPF_STORAGES (Linux 5.7+): the request names map fds, the
   reply carries each socket's value in those maps (INET_DIAG_SK_BPF_STORAGES).
+  TCP only: inet_sk_diag_fill() returns before its storage block for a socket
+  without an inet_connection_sock, so a UDP record never carries storage (seen
+  in the 6.1 source and on a 6.18 kernel), though its optmem shows the charge.
 
 Layouts follow include/uapi/linux/{netlink,inet_diag,sock_diag}.h.  Packing and
 parsing are plain functions on bytes so they can be checked without a kernel;
@@ -295,7 +298,10 @@ def socket_cookie(sock: socket.socket) -> int:
 def socket_record(
     sock: socket.socket, *, meminfo: bool = True, map_fds: Sequence[int] = ()
 ) -> DiagRecord:
-    """This socket's own record, found by its local port and cookie; LookupError if absent."""
+    """This socket's own record, found by its local port and cookie; LookupError if absent.
+
+    An unbound socket is in no lookup table and so has no record.
+    """
     protocols = {socket.SOCK_STREAM: socket.IPPROTO_TCP, socket.SOCK_DGRAM: socket.IPPROTO_UDP}
     if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type not in protocols:
         raise ValueError(f"sock_diag reports TCP/UDP over IPv4/IPv6 only, not {sock!r}")
