@@ -135,6 +135,7 @@ class BtfBuilder:
 
     def _add_composite(self, kind: int, name: str, size: int, members: Sequence[Member]) -> int:
         bitfields = any(m.bitfield_size for m in members)
+        self.string(name)  # the type's own name first, as compilers emit it
         tail = b""
         for m in members:
             offset = (m.bitfield_size << 24) | m.bit_offset if bitfields else m.bit_offset
