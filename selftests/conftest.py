@@ -62,6 +62,8 @@ class _Guard:
 
     def problem(self) -> str | None:
         """A failure message if the kernel log gained a splat since the last call."""
+        if self.log is None and self.open_error is None:
+            return None  # never started: every test so far was skipped before it ran
         if self.log is None:
             return (
                 f"cannot read the kernel log for the splat guard ({self.open_error}); "
