@@ -1,0 +1,314 @@
+"""Stage 5, the boot: virtme-ng boots the kernel, the guest runs pytest, pexpect watches the console.
+
+The host's root filesystem is shared read-only over 9p and the output
+directory read-write, so the guest runs the suite with the very interpreter
+and site-packages the runner uses.  The pytest exit code comes back through
+a file in the output directory, never parsed from the console.  The console
+is logged in full; a panic, a stall or the deadline ends the run early, and
+QEMU is always killed with its whole process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, TextIO
+
+import pexpect
+
+from runner.accel import KERNEL_BANNER, AccelPlan, judge_kvm
+from runner.errors import InfrastructureError, UsageError
+from runner.preflight import find_tool
+
+PYTEST_EXIT_FILE = "pytest-exitcode"
+GUEST_RELEASE_FILE = "guest-kernel-release"
+JUNIT_FILE = "junit.xml"
+
+PANIC = re.compile(r"Kernel panic - not syncing")
+# printk lines ("[   12.345678] ..."): shown live only with --verbose.
+PRINTK_LINE = re.compile(r"^\s*\[\s*\d+\.\d+\]")
+# Output that means QEMU or virtme-ng itself failed, not the kernel.
+HOST_SIDE_FAILURE = re.compile(
+    r"(qemu-system-\S+: .*|virtme-run: .*|.*: not found|Traceback \(most recent call last\).*|"
+    r"(?:vng|virtme-ng|virtme-run): error: .*)"
+)
+# After a panic QEMU normally exits at once (panic=-1); give the trace a
+# moment to reach the log if it does not.
+PANIC_DRAIN_SECONDS = 5.0
+
+
+def vng_command(
+    vng: str, kernel: Path, accel: str, cpus: int, memory: str, rw_dirs: Sequence[Path],
+    guest_command: str | None,
+) -> list[str]:
+    """The virtme-ng command line: the only place it is built."""
+    # --force-9p: the root filesystem goes over 9p; probing for virtiofsd first
+    # costs seconds per boot and fails where it is not installed.
+    command = [vng, "--run", str(kernel), "--verbose", "--force-9p", "--user", "root",
+               "--cpus", str(cpus), "--memory", memory]
+    if accel == "tcg":
+        command.append("--disable-kvm")
+    for directory in rw_dirs:
+        command += ["--rwdir", str(directory)]
+    if guest_command is not None:
+        command += ["--exec", guest_command]
+    return command
+
+
+def guest_test_command(
+    python: str, suite_dir: Path, output_dir: Path, markers: str | None,
+    keyword: str | None,
+) -> str:
+    """The shell command the guest runs: pytest on the suite, exit code into its own file."""
+    pytest = [python, "-m", "pytest", str(suite_dir), f"--junitxml={output_dir / JUNIT_FILE}",
+              # The root filesystem is read-only in the guest: no cache dir.
+              "-p", "no:cacheprovider", "-v", "-rfEs"]
+    if markers:
+        pytest += ["-m", markers]
+    if keyword:
+        pytest += ["-k", keyword]
+    return (
+        # From the suite's directory, pytest reports short test paths.
+        f"cd {shlex.quote(str(suite_dir))}; export PYTHONDONTWRITEBYTECODE=1; "
+        f"uname -r > {shlex.quote(str(output_dir / GUEST_RELEASE_FILE))}; "
+        f"{shlex.join(pytest)}; "
+        f"echo $? > {shlex.quote(str(output_dir / PYTEST_EXIT_FILE))}"
+    )
+
+
+@dataclass
+class BootOutcome:
+    """How the guest run ended, as plain values for the results stage."""
+
+    status: str  # exited | timeout | stalled | panic
+    accel: str
+    accel_reason: str
+    seconds: float
+    command: list[str]
+    exit_status: int | None = None
+    banner_seconds: float | None = None
+    detail: str = ""
+    attempts: list[str] = field(default_factory=list)
+
+
+def kill_process_group(child: pexpect.spawn, grace: float = 3.0) -> None:
+    """SIGTERM then SIGKILL the child's whole process group (vng, virtme-run, QEMU)."""
+    pgid = child.pid
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not process_group_alive(pgid):
+                break
+            time.sleep(0.1)
+        if not process_group_alive(pgid):
+            break
+    # The processes are gone either way; closing the pty is best effort.
+    with contextlib.suppress(OSError, pexpect.ExceptionPexpect):
+        child.close(force=True)
+
+
+def process_group_alive(pgid: int) -> bool:
+    """True while any process of the group exists (zombies of our child included)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # Reap our direct child if it already exited, so its zombie does not count.
+    try:
+        os.waitpid(pgid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@dataclass
+class _Attempt:
+    status: str
+    detail: str
+    exit_status: int | None
+    banner_seconds: float | None
+
+
+def _child_env(vng: str) -> dict:
+    env = dict(os.environ)
+    # vng starts virtme-run by name: make the one beside vng (same venv) win.
+    env["PATH"] = os.path.dirname(vng) + os.pathsep + env.get("PATH", "")
+    env.setdefault("TERM", "dumb")
+    return env
+
+
+def _spawn(command: Sequence[str], env: dict) -> pexpect.spawn:
+    try:
+        return pexpect.spawn(command[0], list(command[1:]), env=env, encoding="utf-8",
+                             codec_errors="replace", timeout=None, echo=False,
+                             dimensions=(50, 200))
+    except pexpect.ExceptionPexpect as exc:
+        raise InfrastructureError(f"could not start {command[0]}: {exc}") from None
+
+
+def _watch(
+    child: pexpect.spawn, log: TextIO, started: float, deadline: float, stall_timeout: float,
+    probe_kvm: bool, echo: Callable[[str], None], verbose: bool,
+) -> _Attempt:
+    """Follow the console line by line until the guest exits, panics, stalls or runs out of time."""
+    child.logfile_read = log
+    head: list[str] = []
+    banner_at: float | None = None
+    panic_at: float | None = None
+    last_output = time.monotonic()
+    pending = ""
+    while True:
+        now = time.monotonic()
+        wait = max(0.05, min(1.0, deadline - now))
+        index = child.expect([r"\r?\n", pexpect.EOF, pexpect.TIMEOUT], timeout=wait)
+        now = time.monotonic()
+        if index == 0:
+            line = child.before.replace("\r", "")
+            last_output = now
+            if len(head) < 400:
+                head.append(line)
+            if banner_at is None and KERNEL_BANNER.search(line):
+                banner_at = now - started
+            if panic_at is None and PANIC.search(line):
+                panic_at = now
+            if verbose or not PRINTK_LINE.match(line):
+                echo(line)
+        elif index == 1:
+            child.close()
+            status = child.exitstatus if child.exitstatus is not None else -(child.signalstatus or 0)
+            if probe_kvm and banner_at is None:
+                verdict, reason = judge_kvm("\n".join(head) + child.before, now - started, True)
+                return _Attempt("kvm-broken", reason, status, None)
+            if panic_at is not None:
+                return _Attempt("panic", "kernel panic", status, banner_at)
+            if banner_at is None:
+                # A kernel that is broken hangs or stalls; exiting before the banner
+                # means QEMU or virtme-ng never got the guest going.
+                text = "\n".join(head) + "\n" + (child.before or "")
+                host = HOST_SIDE_FAILURE.findall(text)
+                why = host[-1].strip()[:200] if host else f"exit status {status}, no kernel output"
+                raise InfrastructureError(
+                    f"QEMU/virtme-ng did not start the guest ({why}); see {log.name}",
+                    details=[line for line in text.splitlines() if line.strip()][-8:],
+                )
+            return _Attempt("exited", f"guest exited with status {status}", status, banner_at)
+        else:
+            if child.buffer != pending:
+                pending = child.buffer
+                last_output = now
+        if probe_kvm and banner_at is None:
+            verdict, reason = judge_kvm("\n".join(head) + child.buffer, now - started, False)
+            if verdict == "broken":
+                return _Attempt("kvm-broken", reason, None, None)
+        if panic_at is not None and now - panic_at > PANIC_DRAIN_SECONDS:
+            return _Attempt("panic", "kernel panic", None, banner_at)
+        if now >= deadline:
+            return _Attempt("timeout", "the run exceeded --timeout", None, banner_at)
+        if now - last_output >= stall_timeout:
+            return _Attempt("stalled", f"no console output for {stall_timeout:.0f} s", None,
+                            banner_at)
+
+
+def find_vng() -> str:
+    """Path of vng (the one in the runner's venv first); a usage error if absent."""
+    vng = find_tool("vng")
+    if vng is None:
+        raise UsageError("vng (virtme-ng) not found; install it with: pip install virtme-ng")
+    return vng
+
+
+def run_guest(
+    kernel: Path, output_dir: Path, guest_command: str, plan: AccelPlan, console_log: Path,
+    cpus: int = 2, memory: str = "2G", timeout: float = 1800.0, stall_timeout: float = 300.0,
+    echo: Callable[[str], None] = print, verbose: bool = False, vng: str | None = None,
+) -> BootOutcome:
+    """Boot the kernel, run guest_command, and report how it ended (fallback to TCG included)."""
+    vng = vng or find_vng()
+    env = _child_env(vng)
+    started = time.monotonic()
+    deadline = started + timeout
+    accel, reason = plan.first, plan.reason
+    attempts: list[str] = []
+    with open(console_log, "w", encoding="utf-8", errors="replace") as log:
+        while True:
+            command = vng_command(vng, kernel, accel, cpus, memory, [output_dir], guest_command)
+            log.write(f"### accel={accel} ({reason})\n### $ {shlex.join(command)}\n")
+            log.flush()
+            attempt_started = time.monotonic()
+            child = _spawn(command, env)
+            try:
+                result = _watch(child, log, attempt_started, deadline, stall_timeout,
+                                probe_kvm=(accel == "kvm" and plan.fallback is not None),
+                                echo=echo, verbose=verbose)
+            finally:
+                kill_process_group(child)
+            attempts.append(f"{accel}: {result.detail}")
+            if result.status == "kvm-broken" and plan.fallback:
+                reason = f"auto: fell back to {plan.fallback}: {result.detail}"
+                echo(f"boot: {result.detail}; retrying with {plan.fallback}")
+                log.write(f"\n### {reason}\n")
+                accel = plan.fallback
+                plan = AccelPlan(plan.fallback, None, reason)
+                continue
+            return BootOutcome(
+                status=result.status, accel=accel, accel_reason=reason,
+                seconds=time.monotonic() - started, command=command,
+                exit_status=result.exit_status, banner_seconds=result.banner_seconds,
+                detail=result.detail, attempts=attempts,
+            )
+
+
+def run_shell(kernel: Path, plan: AccelPlan, cpus: int = 2, memory: str = "2G",
+              echo: Callable[[str], None] = print) -> int:
+    """--shell: boot the same kernel with an interactive root shell on this terminal."""
+    vng = find_vng()
+    env = _child_env(vng)
+    accel, reason = plan.first, plan.reason
+    while True:
+        command = vng_command(vng, kernel, accel, cpus, memory, [], None)
+        echo(f"shell: booting with {accel} ({reason}); exit the shell to stop the guest")
+        child = pexpect.spawn(command[0], command[1:], env=env, timeout=None, echo=False)
+        try:
+            if accel == "kvm" and plan.fallback:
+                started = time.monotonic()
+                seen = ""
+                while True:
+                    try:
+                        seen += child.read_nonblocking(4096, timeout=1.0).decode("utf-8", "replace")
+                    except pexpect.TIMEOUT:
+                        pass
+                    except pexpect.EOF:
+                        verdict, why = judge_kvm(seen, time.monotonic() - started, True)
+                        break
+                    verdict, why = judge_kvm(seen, time.monotonic() - started, False)
+                    if verdict != "pending":
+                        break
+                if verdict == "broken":
+                    kill_process_group(child)
+                    reason = f"auto: fell back to {plan.fallback}: {why}"
+                    accel = plan.fallback
+                    plan = AccelPlan(accel, None, reason)
+                    continue
+                os.write(1, seen.encode())
+            child.interact(escape_character=None)
+            child.close()
+            return child.exitstatus or 0
+        finally:
+            kill_process_group(child)

@@ -1,0 +1,188 @@
+"""Stage 4, the build: an out-of-tree (O=) kernel build in a keyed cache directory.
+
+The key separates source trees, series and fragment sets so two of them never
+share (and thrash) one build directory, while edits to a patch or a fragment
+stay in the same directory and rebuild incrementally.  ccache, when present,
+is shared by every build directory (CCACHE_NOHASHDIR), so a new key still
+compiles mostly from cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.cache import Cache
+from runner.errors import BuildError, InfrastructureError
+from runner.patches import Series
+from runner.progress import StatusLine, format_elapsed
+
+BZIMAGE = Path("arch/x86/boot/bzImage")
+
+
+@dataclass(frozen=True)
+class BuildDir:
+    """A keyed build directory: the O= tree plus the runner's own state beside it."""
+
+    root: Path
+    key: str
+
+    @property
+    def obj(self) -> Path:
+        return self.root / "obj"
+
+    @property
+    def config_work(self) -> Path:
+        return self.root / "config-gen"
+
+    @property
+    def patched_files_state(self) -> Path:
+        return self.root / "patched-files.json"
+
+    @property
+    def build_log(self) -> Path:
+        return self.root / "build.log"
+
+    @property
+    def config_log(self) -> Path:
+        return self.root / "config.log"
+
+    @property
+    def image(self) -> Path:
+        return self.obj / BZIMAGE
+
+
+def build_key(
+    source: Path, series: Series | None, fragments: Sequence[Path]
+) -> tuple[str, dict[str, object]]:
+    """Key from the source's realpath, the series (file and entry list) and the fragment set.
+
+    Patch and fragment *contents* are deliberately not in the key: editing a
+    patch is the edit-and-test loop and must rebuild incrementally in place.
+    """
+    description: dict[str, object] = {
+        "source": str(Path(source).resolve()),
+        "series": str(series.file) if series else None,
+        "series_entries": series.listing() if series else "",
+        "fragments": sorted(str(Path(f).resolve()) for f in fragments),
+    }
+    blob = json.dumps(description, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16], description
+
+
+def build_dir_for(
+    cache: Cache, source: Path, series: Series | None, fragments: Sequence[Path]
+) -> BuildDir:
+    """The build directory for this (source, series, fragments), created with a key.json."""
+    key, description = build_key(source, series, fragments)
+    root = cache.builds / f"{Path(source).resolve().name}-{key}"
+    root.mkdir(parents=True, exist_ok=True)
+    key_file = root / "key.json"
+    if not key_file.exists():
+        key_file.write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
+    return BuildDir(root, key)
+
+
+def make_command(
+    source: Path, obj: Path, jobs: int, targets: Sequence[str], ccache: str | None,
+    ccache_dir: Path,
+) -> tuple[list[str], dict[str, str]]:
+    """The make invocation and its extra environment: the one place it is spelled out."""
+    command = ["make", "-C", str(source), f"O={obj}", f"-j{jobs}"]
+    env: dict[str, str] = {}
+    if ccache:
+        command.append("CC=ccache gcc")
+        # NOHASHDIR: objects compiled in another build directory are still hits.
+        env.update(CCACHE_DIR=str(ccache_dir), CCACHE_NOHASHDIR="true")
+    command += list(targets)
+    return command, env
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """The built kernel image and what the build cost."""
+
+    image: Path
+    seconds: float
+    steps: int
+    command: str
+
+
+# Kbuild's quiet output: "  CC      net/core/sock.o", "  LD [M]  fs/x.ko", ...
+_STEP = re.compile(r"^  ([A-Z][A-Z0-9_]*(?: \[M\])?)\s+(\S+)")
+_ERROR = re.compile(r"(\berror\b|undefined reference|\*\*\*|No rule to make target)", re.IGNORECASE)
+
+
+def compiler_errors(log_text: str, limit: int = 20) -> list[str]:
+    """The last compiler/linker/make error lines of a build log, for the failure message."""
+    lines = [line.rstrip() for line in log_text.splitlines() if _ERROR.search(line)]
+    # make's "*** [...] Error 1" cascade repeats the same failure per directory
+    # level; keep the real diagnostics first when there are any.
+    diagnostics = [line for line in lines if "***" not in line]
+    chosen = diagnostics[-limit:] if diagnostics else lines[-limit:]
+    return chosen
+
+
+def build_kernel(
+    source: Path, build_dir: BuildDir, jobs: int, targets: Sequence[str], cache: Cache,
+) -> BuildResult:
+    """Run make with a live progress line; the full output goes to build.log."""
+    ccache = shutil.which("ccache")
+    command, extra_env = make_command(source, build_dir.obj, jobs, targets, ccache, cache.ccache)
+    env = dict(os.environ, **extra_env)
+    status = StatusLine()
+    started = time.monotonic()
+    steps = 0
+    last_step = ""
+    printable = " ".join(command)
+    with open(build_dir.build_log, "w", errors="replace") as log:
+        log.write(f"$ {printable}\n")
+        log.flush()
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=env, text=True, errors="replace", bufsize=1)
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                match = _STEP.match(line)
+                if match:
+                    steps += 1
+                    last_step = f"{match.group(1)} {match.group(2)}"
+                status.update(f"build: {format_elapsed(time.monotonic() - started)} "
+                              f"{steps} steps  {last_step}"[:120])
+            returncode = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    seconds = time.monotonic() - started
+    ccache_note = " (ccache)" if ccache else ""
+    if returncode != 0:
+        status.finish(f"build: failed after {format_elapsed(seconds)}")
+        text = build_dir.build_log.read_text(errors="replace")
+        if "No space left on device" in text:
+            raise InfrastructureError(
+                f"the build ran out of disk space in {build_dir.root}; free space or move "
+                "the cache with --cache-dir"
+            )
+        raise BuildError(
+            f"kernel build failed (make exit {returncode}); full log: {build_dir.build_log}",
+            details=compiler_errors(text),
+        )
+    status.finish(f"build: done in {format_elapsed(seconds)}, {steps} steps{ccache_note}")
+    if not build_dir.image.exists():
+        raise BuildError(f"make succeeded but {build_dir.image} is missing; see the build log")
+    return BuildResult(build_dir.image, seconds, steps, printable)
+
+
+def build_targets(needs_modules: bool) -> list[str]:
+    """bzImage always; modules only when the config builds some."""
+    return ["bzImage", "modules"] if needs_modules else ["bzImage"]

@@ -1,0 +1,322 @@
+"""The `run` command, top to bottom: source -> series -> config -> build -> boot -> results.
+
+Each stage is a call into its own module with plain values in and out; this
+file only sequences them, times them, and keeps the artifacts and
+summary.json complete even when a stage fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from runner import (
+    accel,
+    artifacts,
+    boot,
+    build,
+    kconfig,
+    patches,
+    prebuilt,
+    preflight,
+    results,
+    source,
+)
+from runner.cache import Cache, open_cache
+from runner.errors import ExitCode, RunnerError, UsageError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SUITE = REPO_ROOT / "selftests"
+DEFAULT_SERIES = REPO_ROOT / "kernel_patches" / "series"
+DEFAULT_FRAGMENTS = (REPO_ROOT / "kconfig" / "sk-storage.config",)
+DEFAULT_MARKERS = "not stress"
+
+
+@dataclass
+class RunOptions:
+    """Everything `run-selftests` was asked to do, as plain values."""
+
+    kernel_src: Path | None = None
+    base: str | None = None
+    series: Path | None = None
+    force: bool = False
+    config: list[Path] = field(default_factory=list)
+    kernel_image: Path | None = None
+    modules: Path | None = None
+    distro_kernel: str | None = None
+    jobs: int = os.cpu_count() or 1
+    accel: str = "auto"
+    cpus: int = 2
+    memory: str = "2G"
+    timeout: float = 1800.0
+    stall_timeout: float = 300.0
+    output: Path | None = None
+    cache_dir: Path | None = None
+    keyword: str | None = None
+    markers: str | None = DEFAULT_MARKERS
+    suite: Path = DEFAULT_SUITE
+    shell: bool = False
+    verbose: bool = False
+    argv: Sequence[str] = ()
+
+
+@dataclass
+class KernelToBoot:
+    """The kernel the boot stage gets, whichever way it was obtained."""
+
+    image: Path
+    origin: str
+    release: str | None = None
+    details: dict = field(default_factory=dict)
+
+
+def validate(options: RunOptions) -> None:
+    """Option combinations that cannot work, refused before anything starts."""
+    sources = [n for n, v in (("--kernel-src", options.kernel_src),
+                              ("--kernel-image", options.kernel_image),
+                              ("--distro-kernel", options.distro_kernel)) if v]
+    if len(sources) > 1:
+        raise UsageError(f"{' and '.join(sources)} exclude each other; pick one kernel")
+    prebuilt_kernel = options.kernel_image or options.distro_kernel
+    if options.modules and not options.kernel_image:
+        raise UsageError("--modules goes with --kernel-image")
+    if prebuilt_kernel and (options.series or options.base or options.config):
+        raise UsageError("--series, --base and --config need a kernel to build; "
+                         "they do not apply to --kernel-image/--distro-kernel")
+    if options.base and not options.kernel_src:
+        raise UsageError("--base REV needs --kernel-src pointing at a git tree")
+    for name, value in (("--cpus", options.cpus), ("--jobs", options.jobs)):
+        if value < 1:
+            raise UsageError(f"{name} must be at least 1")
+    for name, value in (("--timeout", options.timeout), ("--stall-timeout", options.stall_timeout)):
+        if value <= 0:
+            raise UsageError(f"{name} must be positive")
+    if not options.shell and not Path(options.suite).is_dir():
+        raise UsageError(f"test suite directory {options.suite} does not exist; check --suite")
+
+
+def requirements(options: RunOptions, user_source: source.KernelSource | None,
+                 cache: Cache) -> list[preflight.Requirement]:
+    """Every tool this particular run will need, so preflight can report all at once."""
+    needed = list(preflight.BOOT_TOOLS)
+    if options.distro_kernel:
+        needed += preflight.DISTRO_KERNEL_TOOLS
+    elif options.kernel_image is None:
+        needed += preflight.BUILD_TOOLS
+        if user_source is None:
+            needed += preflight.PLAIN_TREE_TOOLS
+            if source.read_stamp(cache) is None:
+                needed += preflight.DEBIAN_ARCHIVE_TOOLS
+        elif user_source.is_git:
+            needed += preflight.GIT_TOOLS
+        else:
+            needed += preflight.PLAIN_TREE_TOOLS
+    return needed
+
+
+def build_from_source(
+    options: RunOptions, user_source: source.KernelSource | None, cache: Cache, out: Path,
+    timings: dict, summary: dict, log: Callable[[str], None],
+) -> KernelToBoot:
+    """Stages 1-4: source, series, config and build; the tree is restored before returning."""
+    started = time.monotonic()
+    src = user_source or source.ensure_default_source(cache, log=log)
+    if options.base:
+        src = source.checkout_base(src, options.base, cache)
+    log(f"source: {src.origin} (Linux {src.version})")
+    series_file = options.series or (DEFAULT_SERIES if user_source is None else None)
+    if series_file is not None and options.series is None and not Path(series_file).exists():
+        raise UsageError(f"the default series {series_file} is missing from this checkout")
+    series = patches.load_series(series_file) if series_file else None
+    fragments = [kconfig.load_fragment(p) for p in (*DEFAULT_FRAGMENTS, *options.config)]
+    build_dir = build.build_dir_for(cache, src.path, series, [f.path for f in fragments])
+    summary["kernel"].update(source=src.origin, source_path=str(src.path),
+                             source_version=src.version, source_revision=src.revision,
+                             build_dir=str(build_dir.root),
+                             fragments=[str(f.path) for f in fragments])
+    timings["source"] = round(time.monotonic() - started, 2)
+
+    journal = cache.root / "restore" / hashlib.sha256(str(src.path).encode()).hexdigest()[:16]
+    started = time.monotonic()
+    try:
+        with patches.series_applied(src, series, journal, force=options.force,
+                                    log=log) as applied:
+            paths = {e.name: e.path for e in series.entries} if series else {}
+            summary["series"] = {
+                "file": str(series.file) if series else None,
+                "entries": [{"name": e.name, "method": e.method, "files": e.files,
+                             "commit": e.commit,
+                             "path": str(paths[e.name]) if paths.get(e.name) else None}
+                            for e in applied.entries],
+            }
+            reused = patches.reuse_built_mtimes(src.path, applied.touched,
+                                                build_dir.patched_files_state)
+            if reused:
+                log(f"patches: {len(reused)} patched file(s) unchanged since the last build")
+            timings["patches"] = round(time.monotonic() - started, 2)
+
+            started = time.monotonic()
+            config = kconfig.configure(src.path, build_dir.obj, build_dir.config_work,
+                                       fragments, build_dir.config_log)
+            state = ("regenerated, changed" if config.rewritten else
+                     "regenerated, unchanged" if config.regenerated else "inputs unchanged, kept")
+            log(f"config: {state}; every requested option survived olddefconfig")
+            timings["config"] = round(time.monotonic() - started, 2)
+
+            started = time.monotonic()
+            values = kconfig.parse_config(config.path.read_text())
+            targets = build.build_targets(kconfig.config_needs_modules(values))
+            log(f"build: make {' '.join(targets)} -j{options.jobs} in {build_dir.obj}")
+            built = build.build_kernel(src.path, build_dir, options.jobs, targets, cache)
+            patches.remember_built_mtimes(src.path, applied.touched,
+                                          build_dir.patched_files_state)
+            timings["build"] = round(built.seconds, 2)
+            summary["build"] = {"command": built.command, "steps": built.steps,
+                                "targets": targets}
+    finally:
+        artifacts.save_copy(build_dir.build_log, out, artifacts.BUILD_LOG)
+        artifacts.save_copy(build_dir.config_log, out, artifacts.CONFIG_LOG)
+        artifacts.save_copy(build_dir.obj / ".config", out, artifacts.KERNEL_CONFIG)
+        if series is not None:
+            artifacts.save_series(out, series.file, summary.get("series", {}).get("entries", []))
+    return KernelToBoot(built.image, f"built from {src.origin}",
+                        details={"build_dir": str(build_dir.root)})
+
+
+def obtain_kernel(options: RunOptions, user_source: source.KernelSource | None,
+                  image: prebuilt.PrebuiltKernel | None, cache: Cache, out: Path,
+                  timings: dict, summary: dict, log: Callable[[str], None]) -> KernelToBoot:
+    """A prebuilt kernel when one was named, otherwise a build from source."""
+    if image is not None:
+        kernel = image
+    elif options.distro_kernel:
+        started = time.monotonic()
+        kernel = prebuilt.fetch_distro_kernel(options.distro_kernel, cache, log=log)
+        timings["fetch"] = round(time.monotonic() - started, 2)
+    else:
+        return build_from_source(options, user_source, cache, out, timings, summary, log)
+    log(f"kernel: {kernel.origin}")
+    return KernelToBoot(kernel.image, kernel.origin, kernel.release,
+                        {"modules_dir": str(kernel.modules_dir) if kernel.modules_dir else None})
+
+
+def judge_output_dir(out: Path, boot_status: str) -> tuple:
+    """Stage 6 on saved files: (verdict, tests, splats) from junit.xml, exit file, console.log."""
+    console = out / artifacts.CONSOLE_LOG
+    text = console.read_text(errors="replace") if console.exists() else ""
+    splats = results.find_console_splats(text)
+    tests, problem = None, None
+    try:
+        tests = results.parse_junit(out / boot.JUNIT_FILE)
+    except FileNotFoundError:
+        problem = "no junit.xml"
+    except ValueError as exc:
+        problem = str(exc)
+    pytest_exit = results.read_exit_code(out / boot.PYTEST_EXIT_FILE)
+    verdict = results.judge(boot_status, pytest_exit, tests, splats, problem)
+    return verdict, tests, splats, pytest_exit
+
+
+def report(verdict: results.Verdict, tests, splats, log: Callable[[str], None]) -> None:
+    """Per-test table, splat excerpts, then the one verdict line."""
+    log("")
+    log(results.format_table(tests or []))
+    if splats:
+        log("kernel splats:")
+        log(results.format_splats(splats))
+    log(results.verdict_line(verdict))
+
+
+def kernel_release(out: Path, fallback: str | None) -> str | None:
+    """The release the guest reported (uname -r), else what the image declared."""
+    reported = out / boot.GUEST_RELEASE_FILE
+    if reported.exists():
+        text = reported.read_text().strip()
+        if text:
+            return text
+    return fallback
+
+
+def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
+    """The whole pipeline; returns the exit code, raises RunnerError for user-fixable problems."""
+    run_started = time.monotonic()
+    validate(options)
+    out = artifacts.prepare_output_dir(options.output)
+    log(f"output: {out}")
+    cache = open_cache(options.cache_dir)
+    # Inputs are checked before tools, so a typo is reported as itself.
+    user_source = source.open_user_source(options.kernel_src) if options.kernel_src else None
+    image = (prebuilt.open_kernel_image(options.kernel_image, options.modules, cache)
+             if options.kernel_image else None)
+    preflight.check(requirements(options, user_source, cache))
+
+    timings: dict = {}
+    summary: dict = {
+        "command": ["run-selftests", *options.argv],
+        "reproducer": f"cd {Path.cwd()} && " + artifacts.reproducer(options.argv, out),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": {"python": sys.executable, "python_version": platform.python_version(),
+                 "machine": platform.machine(), "host_kernel": platform.release()},
+        "kernel": {},
+        "timings": timings,
+        "selection": {"keyword": options.keyword, "markers": options.markers,
+                      "suite": str(options.suite)},
+    }
+    try:
+        kernel = obtain_kernel(options, user_source, image, cache, out, timings, summary, log)
+        summary["kernel"].update(image=str(kernel.image), origin=kernel.origin,
+                                 release=kernel.release, **kernel.details)
+
+        kvm_ok, kvm_reason = accel.kvm_usability()
+        plan = accel.plan_accel(options.accel, kvm_ok, kvm_reason)
+        log(f"boot: {plan.reason}")
+        if options.shell:
+            return boot.run_shell(kernel.image, plan, options.cpus, options.memory, echo=log)
+
+        command = boot.guest_test_command(sys.executable, Path(options.suite).resolve(), out,
+                                          options.markers, options.keyword)
+        outcome = boot.run_guest(
+            kernel.image, out, command, plan, out / artifacts.CONSOLE_LOG, cpus=options.cpus,
+            memory=options.memory, timeout=options.timeout, stall_timeout=options.stall_timeout,
+            echo=log, verbose=options.verbose,
+        )
+        timings["guest"] = round(outcome.seconds, 2)
+        if outcome.banner_seconds is not None:
+            timings["kernel_banner"] = round(outcome.banner_seconds, 2)
+        summary["accel"] = {"used": outcome.accel, "reason": outcome.accel_reason,
+                            "attempts": outcome.attempts}
+        summary["boot"] = {"status": outcome.status, "detail": outcome.detail,
+                           "command": outcome.command, "exit_status": outcome.exit_status}
+        log(f"boot: guest finished ({outcome.detail}) under {outcome.accel} in "
+            f"{outcome.seconds:.0f} s")
+
+        verdict, tests, splats, pytest_exit = judge_output_dir(out, outcome.status)
+        summary["kernel"]["release"] = kernel_release(out, kernel.release)
+        summary["pytest_exit"] = pytest_exit
+        summary["tests"] = [t.__dict__ for t in tests or []]
+        summary["counts"] = results.counts(tests or [])
+        summary["splats"] = [{"kind": s.kind, "line": s.line, "excerpt": s.excerpt}
+                             for s in splats]
+        summary.update(verdict=verdict.label, reason=verdict.reason,
+                       exit_code=int(verdict.exit_code))
+        report(verdict, tests, splats, log)
+        return int(verdict.exit_code)
+    except RunnerError as error:
+        summary.update(verdict="error", reason=error.message, exit_code=int(error.exit_code))
+        raise
+    except BaseException:
+        summary.update(verdict="interrupted", reason="interrupted",
+                       exit_code=int(ExitCode.INTERRUPTED))
+        raise
+    finally:
+        timings["total"] = round(time.monotonic() - run_started, 2)
+        summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        artifacts.write_summary(out, summary)
+        log(f"artifacts: {out}")
