@@ -190,17 +190,19 @@ def test_run_stats_count_every_egress_packet(
 def test_tcp_sockets_get_storage_from_their_own_egress(
     inet_family, new_storage_map, closing, test_cgroup, cgroup_fd, socks,
 ):
-    """Client and listener count their handshake packets; the accepted child starts bare."""
+    """Client and accepted child each get storage from their own egress; the child starts bare."""
     map_fd = new_storage_map(COUNTER_SIZE)
     prog_fd = load_egress(counting_program(map_fd), closing)
     with prog.attached(prog_fd, cgroup_fd, EGRESS), cgroup.joined(test_cgroup):
         conn = socks.tcp_connection(inet_family)
-        # SYN and the final ACK left the client; the SYN-ACK counted for the listener, which
-        # the egress hook substitutes for the request socket.
+        # SYN and the final ACK left the client.
         client_before = counter(map_fd, conn.client)
-        listener_before = counter(map_fd, conn.listener)
         assert client_before is not None and client_before[0] >= 2
-        assert listener_before is not None and listener_before[0] >= 1
+        # Whether the SYN-ACK ran the program for the listener depends on the kernel: over
+        # IPv6, 6.1 passes the listener while skb->sk is the request socket, and the egress
+        # hook skips such packets (IPv4, and IPv6 on 6.18, count it). Only pin that the
+        # child's traffic below never moves it.
+        listener_before = counter(map_fd, conn.listener)
         # The child has sent nothing yet and sk storage is not inherited without BPF_F_CLONE.
         assert counter(map_fd, conn.accepted) is None
         conn.accepted.sendall(b"from the child")
