@@ -377,9 +377,26 @@ _HUNK_NOISE = re.compile(
 )
 
 
-def _failure_lines(output: str) -> list[str]:
-    lines = [line.rstrip() for line in output.splitlines() if _HUNK_NOISE.search(line)]
-    return lines[:20] or [line for line in output.splitlines() if line.strip()][-10:]
+# patch(1) names the file on its own line before that file's failed hunks.
+_FILE_LINE = re.compile(r"^(patching|checking) file ")
+
+
+def _failure_lines(*outputs: str) -> list[str]:
+    """The lines naming failed files and hunks, without duplicates, for the error details."""
+    lines: list[str] = []
+    for output in outputs:
+        for line in output.splitlines():
+            line = line.rstrip()
+            wanted = _HUNK_NOISE.search(line) or _FILE_LINE.match(line)
+            if wanted and "while searching for" not in line and line not in lines:
+                lines.append(line)
+    # A file line with no failure after it is noise.
+    kept = [line for i, line in enumerate(lines)
+            if not _FILE_LINE.match(line) or (i + 1 < len(lines)
+                                              and not _FILE_LINE.match(lines[i + 1]))]
+    if kept:
+        return kept[:20]
+    return [line for output in outputs for line in output.splitlines() if line.strip()][-10:]
 
 
 def _apply_with_git(tree: Path, item: _Planned, patch_file: Path) -> str:
@@ -412,7 +429,7 @@ def _apply_with_git(tree: Path, item: _Planned, patch_file: Path) -> str:
         )
     if merge.returncode == 0:
         return "git apply --3way"
-    raise _NotApplied(_failure_lines(check.stdout) + _failure_lines(merge.stdout))
+    raise _NotApplied(_failure_lines(check.stdout, merge.stdout))
 
 
 def _apply_with_patch(tree: Path, item: _Planned, patch_file: Path) -> str:
