@@ -121,14 +121,26 @@ _STEP = re.compile(r"^  ([A-Z][A-Z0-9_]*(?: \[M\])?)\s+(\S+)")
 _ERROR = re.compile(r"(\berror\b|undefined reference|\*\*\*|No rule to make target)", re.IGNORECASE)
 
 
+# gcc quotes the offending source under a diagnostic: "    3 |   code" and "      |   ^~~".
+_SOURCE_QUOTE = re.compile(r"^\s*\d*\s\|")
+
+
 def compiler_errors(log_text: str, limit: int = 20) -> list[str]:
-    """The last compiler/linker/make error lines of a build log, for the failure message."""
-    lines = [line.rstrip() for line in log_text.splitlines() if _ERROR.search(line)]
+    """The last compiler/linker/make errors of a build log, with gcc's source quote, for display."""
+    lines = log_text.splitlines()
+    picked: list[str] = []
+    for index, line in enumerate(lines):
+        if not _ERROR.search(line):
+            continue
+        picked.append(line.rstrip())
+        for follow in lines[index + 1:index + 3]:
+            if _SOURCE_QUOTE.match(follow):
+                picked.append(follow.rstrip())
     # make's "*** [...] Error 1" cascade repeats the same failure per directory
-    # level; keep the real diagnostics first when there are any.
-    diagnostics = [line for line in lines if "***" not in line]
-    chosen = diagnostics[-limit:] if diagnostics else lines[-limit:]
-    return chosen
+    # level; keep the real diagnostics when there are any.
+    diagnostics = [line for line in picked if "***" not in line]
+    chosen = diagnostics or picked
+    return chosen[-limit:]
 
 
 def build_kernel(

@@ -77,10 +77,11 @@ BOOT_TOOLS = (
 
 def missing(
     requirements: Iterable[Requirement],
-    which: Callable[[str], str | None] = find_tool,
+    which: Callable[[str], str | None] | None = None,
     exists: Callable[[str], bool] = os.path.exists,
 ) -> list[Requirement]:
     """The requirements not satisfied on this machine, in order, without duplicates."""
+    which = which or find_tool
     result: list[Requirement] = []
     for req in requirements:
         if req in result:

@@ -1,0 +1,203 @@
+"""The boot stage's command lines and its console watch, driven through a stand-in vng.
+
+The stand-in is a real process tree under a real pty (pexpect), behaving the
+way vng + QEMU do on this machine: under KVM it hangs after "Probing EDD",
+under TCG it prints the kernel banner and runs the --exec command.  That
+exercises the fallback, panic, stall, timeout and process-group kill paths
+without booting anything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from runner import accel, boot
+from runner.errors import InfrastructureError
+
+STANDIN = textwrap.dedent("""\
+    import os, subprocess, sys, time
+    args = sys.argv[1:]
+    mode = os.environ.get("STANDIN_MODE", "ok")
+    pidfile = os.environ.get("STANDIN_PIDFILE")
+    # A grandchild standing in for QEMU, to prove the whole group dies.
+    qemu = subprocess.Popen(["sleep", "300"])
+    if pidfile:
+        with open(pidfile, "a") as f:
+            f.write(f"{qemu.pid}\\n")
+    def say(text):
+        print(text, flush=True)
+    if mode == "no-qemu":
+        say("qemu-system-x86_64: -machine q35: unsupported machine type")
+        sys.exit(1)
+    if "--disable-kvm" not in args:
+        say("Probing EDD (edd=off to disable)... ok")
+        time.sleep(300)
+    say("[    0.000000] Linux version 6.1.0-standin (gcc 12) #1 SMP")
+    say("[    0.100000] printk noise the user does not need to see")
+    if mode == "panic":
+        say("[    2.000000] Kernel panic - not syncing: sysrq triggered crash")
+        time.sleep(300)
+    if mode == "stall":
+        time.sleep(300)
+    if mode == "chatty":
+        while True:
+            say("[    3.000000] still working")
+            time.sleep(0.2)
+    command = args[args.index("--exec") + 1]
+    sys.exit(subprocess.call(["sh", "-c", command]))
+    """)
+
+
+@pytest.fixture
+def standin(tmp_path, monkeypatch) -> str:
+    script = tmp_path / "vng"
+    script.write_text(f"#!{sys.executable}\n" + STANDIN)
+    script.chmod(0o755)
+    monkeypatch.setenv("STANDIN_PIDFILE", str(tmp_path / "qemu.pids"))
+    return str(script)
+
+
+def qemu_pids(tmp_path: Path) -> list:
+    pidfile = tmp_path / "qemu.pids"
+    return [int(p) for p in pidfile.read_text().split()] if pidfile.exists() else []
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def run(standin, tmp_path, plan, command="echo 0 > pytest-exitcode", **kwargs):
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    lines = []
+    outcome = boot.run_guest(
+        Path("/boot/vmlinuz-standin"), out, f"cd {out}; {command}", plan,
+        out / "console.log", vng=standin, echo=lines.append, **kwargs)
+    return outcome, lines, out
+
+
+def test_vng_command_is_built_in_one_place():
+    command = boot.vng_command("/venv/bin/vng", Path("/k/bzImage"), "tcg", 2, "2G",
+                               [Path("/out")], "echo hi")
+    assert command == ["/venv/bin/vng", "--run", "/k/bzImage", "--verbose", "--force-9p",
+                       "--user", "root", "--cpus", "2", "--memory", "2G", "--disable-kvm",
+                       "--rwdir", "/out", "--exec", "echo hi"]
+    kvm = boot.vng_command("vng", Path("/k"), "kvm", 4, "4G", [], None)
+    assert "--disable-kvm" not in kvm and "--exec" not in kvm and "--rwdir" not in kvm
+
+
+def test_guest_command_runs_pytest_and_reports_its_exit_code_in_a_file():
+    command = boot.guest_test_command("/venv/bin/python3", Path("/repo/selftests"),
+                                      Path("/runs/x y"), "not stress", "map and not btf")
+    assert command.startswith("cd /repo/selftests; export PYTHONDONTWRITEBYTECODE=1; ")
+    assert ("/venv/bin/python3 -m pytest /repo/selftests '--junitxml=/runs/x y/junit.xml' "
+            "-p no:cacheprovider -v -rfEs -m 'not stress' -k 'map and not btf';") in command
+    assert command.endswith("echo $? > '/runs/x y/pytest-exitcode'")
+
+
+def test_auto_falls_back_to_tcg_when_kvm_hangs(standin, tmp_path, monkeypatch):
+    monkeypatch.setattr(accel, "KVM_PROBE_SECONDS", 1.0)
+    monkeypatch.setattr(boot, "judge_kvm",
+                        lambda console, elapsed, exited: accel.judge_kvm(console, elapsed,
+                                                                         exited, window=1.0))
+    plan = accel.plan_accel("auto", True, "/dev/kvm is usable")
+    outcome, lines, out = run(standin, tmp_path, plan)
+    assert outcome.status == "exited" and outcome.exit_status == 0
+    assert outcome.accel == "tcg"
+    assert "fell back to tcg: no kernel output under KVM within 1 s" in outcome.accel_reason
+    assert outcome.attempts[0].startswith("kvm: no kernel output")
+    assert "--disable-kvm" in outcome.command
+    assert (out / "pytest-exitcode").read_text() == "0\n"
+    log = (out / "console.log").read_text()
+    assert "Probing EDD" in log and "Linux version 6.1.0-standin" in log
+    assert any("retrying with tcg" in line for line in lines)
+    # Kernel printk lines are logged but not echoed without --verbose.
+    assert not any("printk noise" in line for line in lines)
+    assert all(not alive(pid) for pid in qemu_pids(tmp_path))
+
+
+def test_tcg_boot_reports_the_banner_time(standin, tmp_path):
+    outcome, _, _ = run(standin, tmp_path, accel.AccelPlan("tcg", None, "--accel tcg"),
+                        verbose=True)
+    assert outcome.banner_seconds is not None and outcome.banner_seconds < 10
+    assert outcome.accel == "tcg" and outcome.attempts == ["tcg: guest exited with status 0"]
+
+
+def test_a_panic_ends_the_run_early(standin, tmp_path, monkeypatch):
+    monkeypatch.setenv("STANDIN_MODE", "panic")
+    monkeypatch.setattr(boot, "PANIC_DRAIN_SECONDS", 0.5)
+    started = time.monotonic()
+    outcome, _, _ = run(standin, tmp_path, accel.AccelPlan("tcg", None, "t"), timeout=60)
+    assert outcome.status == "panic"
+    assert time.monotonic() - started < 20
+    assert all(not alive(pid) for pid in qemu_pids(tmp_path))
+
+
+def test_a_silent_guest_is_stopped_as_stalled(standin, tmp_path, monkeypatch):
+    monkeypatch.setenv("STANDIN_MODE", "stall")
+    outcome, _, _ = run(standin, tmp_path, accel.AccelPlan("tcg", None, "t"),
+                        timeout=60, stall_timeout=2)
+    assert outcome.status == "stalled" and "no console output for 2 s" in outcome.detail
+    assert all(not alive(pid) for pid in qemu_pids(tmp_path))
+
+
+def test_a_busy_guest_is_stopped_at_the_timeout(standin, tmp_path, monkeypatch):
+    monkeypatch.setenv("STANDIN_MODE", "chatty")
+    started = time.monotonic()
+    outcome, _, _ = run(standin, tmp_path, accel.AccelPlan("tcg", None, "t"),
+                        timeout=3, stall_timeout=2)
+    assert outcome.status == "timeout"
+    assert 3 <= time.monotonic() - started < 15
+    assert all(not alive(pid) for pid in qemu_pids(tmp_path))
+
+
+def test_qemu_failing_to_start_is_an_infrastructure_error(standin, tmp_path, monkeypatch):
+    monkeypatch.setenv("STANDIN_MODE", "no-qemu")
+    with pytest.raises(InfrastructureError) as error:
+        run(standin, tmp_path, accel.AccelPlan("tcg", None, "t"))
+    assert error.value.exit_code == 7
+    assert "unsupported machine type" in error.value.message
+
+
+def test_interrupting_the_runner_kills_the_whole_guest(tmp_path):
+    """Ctrl-C in the runner: QEMU (here its stand-in) must not outlive it."""
+    script = tmp_path / "vng"
+    script.write_text(f"#!{sys.executable}\n" + STANDIN)
+    script.chmod(0o755)
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""\
+        from pathlib import Path
+        from runner import accel, boot
+        out = Path({str(tmp_path / 'out')!r}); out.mkdir()
+        boot.run_guest(Path("/k"), out, "sleep 300", accel.AccelPlan("tcg", None, "t"),
+                       out / "console.log", vng={str(script)!r}, echo=print)
+        """))
+    import subprocess
+
+    env = dict(os.environ, STANDIN_PIDFILE=str(tmp_path / "qemu.pids"))
+    proc = subprocess.Popen([sys.executable, str(driver)], env=env, stdout=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 30
+    while not qemu_pids(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    pids = qemu_pids(tmp_path)
+    assert pids and all(alive(pid) for pid in pids)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    assert proc.returncode != 0
+    time.sleep(0.5)
+    assert all(not alive(pid) for pid in pids)

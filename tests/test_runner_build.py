@@ -1,0 +1,107 @@
+"""Build-directory keying, the make command line and compiler-error extraction."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from runner import build
+from runner.cache import Cache
+from runner.patches import load_series
+
+
+def series_in(directory: Path, *names: str):
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (directory / name).write_text(f"--- a/{name}\n+++ b/{name}\n")
+    (directory / "series").write_text("".join(f"{n}\n" for n in names))
+    return load_series(directory / "series")
+
+
+def test_two_source_trees_never_share_a_build_dir(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    frag = [tmp_path / "f.config"]
+    assert build.build_key(tmp_path / "a", None, frag)[0] != \
+        build.build_key(tmp_path / "b", None, frag)[0]
+
+
+def test_the_key_follows_the_source_realpath_not_the_spelling(tmp_path):
+    (tmp_path / "linux").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "linux")
+    assert build.build_key(tmp_path / "linux", None, [])[0] == \
+        build.build_key(tmp_path / "alias", None, [])[0]
+
+
+def test_two_series_never_share_a_build_dir(tmp_path):
+    (tmp_path / "linux").mkdir()
+    first = series_in(tmp_path / "one", "0001-a.patch")
+    second = series_in(tmp_path / "two", "0001-a.patch")
+    longer = series_in(tmp_path / "three", "0001-a.patch", "0002-b.patch")
+    keys = {build.build_key(tmp_path / "linux", s, [])[0] for s in (None, first, second, longer)}
+    assert len(keys) == 4
+
+
+def test_editing_a_patch_keeps_the_build_dir_for_incremental_rebuilds(tmp_path):
+    (tmp_path / "linux").mkdir()
+    series = series_in(tmp_path / "kp", "0001-a.patch")
+    before = build.build_key(tmp_path / "linux", series, [])[0]
+    (tmp_path / "kp" / "0001-a.patch").write_text("--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n")
+    assert build.build_key(tmp_path / "linux", load_series(series.file), [])[0] == before
+
+
+def test_fragment_sets_are_part_of_the_key(tmp_path):
+    (tmp_path / "linux").mkdir()
+    base = tmp_path / "sk-storage.config"
+    debug = tmp_path / "debug.config"
+    plain = build.build_key(tmp_path / "linux", None, [base])[0]
+    with_debug = build.build_key(tmp_path / "linux", None, [base, debug])[0]
+    reordered = build.build_key(tmp_path / "linux", None, [debug, base])[0]
+    assert plain != with_debug
+    assert with_debug == reordered
+
+
+def test_build_dir_records_what_its_key_was_made_of(tmp_path):
+    (tmp_path / "linux").mkdir()
+    cache = Cache(tmp_path / "cache")
+    build_dir = build.build_dir_for(cache, tmp_path / "linux", None, [])
+    assert build_dir.root.parent == cache.builds
+    assert build_dir.root.name == f"linux-{build_dir.key}"
+    assert str((tmp_path / "linux").resolve()) in (build_dir.root / "key.json").read_text()
+    assert build_dir.image == build_dir.root / "obj" / "arch/x86/boot/bzImage"
+
+
+def test_make_command_uses_ccache_with_a_shared_cache_dir(tmp_path):
+    command, env = build.make_command(Path("/src"), Path("/out"), 2, ["bzImage", "modules"],
+                                      "/usr/bin/ccache", tmp_path / "ccache")
+    assert command == ["make", "-C", "/src", "O=/out", "-j2", "CC=ccache gcc", "bzImage",
+                       "modules"]
+    assert env == {"CCACHE_DIR": str(tmp_path / "ccache"), "CCACHE_NOHASHDIR": "true"}
+    command, env = build.make_command(Path("/src"), Path("/out"), 8, ["bzImage"], None,
+                                      tmp_path / "ccache")
+    assert "CC=ccache gcc" not in command and env == {}
+
+
+def test_targets_follow_the_config():
+    assert build.build_targets(False) == ["bzImage"]
+    assert build.build_targets(True) == ["bzImage", "modules"]
+
+
+def test_compiler_errors_come_from_a_real_failing_compile(tmp_path):
+    source = tmp_path / "bpf_sk_storage.c"
+    source.write_text("int f(void)\n{\n\treturn undeclared_thing;\n}\n")
+    makefile = tmp_path / "Makefile"
+    makefile.write_text("all:\n\tgcc -c bpf_sk_storage.c -o bpf_sk_storage.o\n")
+    proc = subprocess.run(["make", "-C", str(tmp_path)], capture_output=True, text=True,
+                          check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    errors = build.compiler_errors("  CC      net/core/sock.o\n" + log)
+    error = next(i for i, line in enumerate(errors) if ": error:" in line)
+    assert "undeclared_thing" in errors[error] and "bpf_sk_storage.c:3" in errors[error]
+    assert errors[error + 1].strip() == "3 |         return undeclared_thing;"
+    assert not any("CC      net/core/sock.o" in line for line in errors)
+    # make's "*** [...] Error 1" lines are kept only when there is nothing better.
+    assert not any("***" in line for line in errors)
+    assert build.compiler_errors("make: *** [Makefile:2: all] Error 1\n") == [
+        "make: *** [Makefile:2: all] Error 1"]
