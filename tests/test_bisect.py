@@ -1,0 +1,391 @@
+"""The bisect driver and step on a scratch git repository with a stand-in for the pipeline.
+
+Real git, real `git bisect run`, real subprocesses and signals; only the
+kernel build and boot are replaced: the stand-in step reads a `behaviour`
+file that each commit of the scratch repository sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from runner import bisect, cli, patches
+from runner.errors import ExitCode, UsageError
+
+# The stand-in for pipeline.run, driven by the commit's `behaviour` file.
+STANDIN = textwrap.dedent('''\
+    import json, os, signal, sys, time
+    from pathlib import Path
+    from runner import artifacts, bisect, errors, patches
+
+    def summary(out, verdict, tests=(), splats=()):
+        artifacts.write_summary(out, {"verdict": verdict, "reason": verdict,
+                                      "tests": list(tests), "splats": list(splats),
+                                      "timings": {"build": 2.0, "guest": 3.0}})
+
+    def run_once(options, log):
+        tree, out = Path(options.kernel_src), Path(options.output)
+        out.mkdir(parents=True, exist_ok=True)
+        behaviour = (tree / "behaviour").read_text().strip()
+        run = int(out.name.split("-")[1])
+        log(f"stand-in: {behaviour} (run {run}, -k {options.keyword})")
+        if behaviour == "pass" or (behaviour == "flaky" and run != 2):
+            summary(out, "pass", [{"name": "test_teardown::test_a", "outcome": "passed"}])
+            return 0
+        if behaviour in ("fail", "flaky"):
+            summary(out, "test failure", [
+                {"name": "test_teardown::test_a", "outcome": "passed"},
+                {"name": "test_teardown::test_closed_sockets_leave_no_storage_in_the_map",
+                 "outcome": "failed", "message": "assert 12 == 0"}])
+            return 1
+        if behaviour == "splat":
+            summary(out, "kernel splat", splats=[{"kind": "KASAN", "line": 7,
+                    "excerpt": "BUG: KASAN: use-after-free in bpf_sk_storage_free"}])
+            return 3
+        if behaviour == "nobuild":
+            raise errors.BuildError("kernel build failed (make exit 2)")
+        if behaviour == "infra":
+            raise errors.InfrastructureError("QEMU could not start: no space left")
+        if behaviour == "bug":
+            raise ValueError("boom")
+        if behaviour in ("hang", "stubborn"):
+            # Like the pipeline with a series applied: a tracked file changed,
+            # journalled, and restored in `finally` (unless killed).
+            journal = patches.Journal(Path(os.environ["STANDIN_JOURNAL"]))
+            journal.record(tree, ["behaviour"])
+            (tree / "behaviour").write_text("patched by the series\\n")
+            if behaviour == "stubborn":
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            Path(os.environ["STANDIN_MARKER"]).write_text(str(os.getpid()))
+            try:
+                time.sleep(120)
+            finally:
+                journal.restore()
+                journal.discard()
+            return 0
+        raise AssertionError(f"unknown behaviour {behaviour!r}")
+
+    sys.exit(bisect.step_main(sys.argv[1:], run_once=run_once))
+''')
+
+# Runs the driver in its own process so a test can signal it like a terminal would.
+HARNESS = textwrap.dedent('''\
+    import json, sys
+    from pathlib import Path
+    from runner import bisect
+    from runner.interrupts import install_sigterm_handler
+
+    install_sigterm_handler()
+    bisect.STOP_GRACE_SECONDS = 2.0
+    tree, good, bad, out, journal = (Path(a) for a in sys.argv[1:6])
+    result = bisect.drive(tree, str(good), str(bad), sys.argv[6:], out, journal)
+    sys.exit(bisect.report(tree, result, str(bad), print))
+''')
+
+
+def git(tree: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(tree), *args], check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def make_repo(path: Path, behaviours: list[str]) -> list[str]:
+    """A repository with one commit per behaviour; returns the commit ids, oldest first."""
+    path.mkdir()
+    git(path, "init", "-q", "-b", "main")
+    git(path, "config", "user.email", "bisect@test.invalid")
+    git(path, "config", "user.name", "Bisect Test")
+    commits = []
+    for number, behaviour in enumerate(behaviours):
+        (path / "behaviour").write_text(behaviour + "\n")
+        (path / "history.txt").write_text(f"commit {number}\n")
+        git(path, "add", "behaviour", "history.txt")
+        git(path, "commit", "-q", "-m", f"c{number}: {behaviour}")
+        commits.append(git(path, "rev-parse", "HEAD"))
+    return commits
+
+
+@pytest.fixture
+def standin(tmp_path: Path) -> Path:
+    script = tmp_path / "standin.py"
+    script.write_text(STANDIN)
+    return script
+
+
+def step_command(standin: Path, out: Path, runs: int = 1, keyword: str = "teardown") -> list:
+    return [sys.executable, str(standin), "--output", str(out), "--runs", str(runs),
+            "-k", keyword]
+
+
+def assert_restored(tree: Path) -> None:
+    """Back on the branch it started on, no bisect in progress, no change left behind."""
+    assert git(tree, "symbolic-ref", "--short", "HEAD") == "main"
+    assert not Path(git(tree, "rev-parse", "--path-format=absolute", "--git-path",
+                        "BISECT_START")).exists()
+    assert git(tree, "status", "--porcelain", "--untracked-files=no") == ""
+
+
+def bisect_repo(tmp_path, standin, behaviours, runs=1, journal=None):
+    tree = tmp_path / "tree"
+    commits = make_repo(tree, behaviours)
+    out = tmp_path / "out"
+    lines: list[str] = []
+    result = bisect.drive(tree, commits[0], commits[-1],
+                          step_command(standin, out, runs), out, journal, log=lines.append)
+    code = bisect.report(tree, result, commits[-1], lines.append)
+    assert_restored(tree)
+    return commits, result, code, "\n".join(lines)
+
+
+# --- mapping ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code, outcome", [
+    (ExitCode.PASS, "good"),
+    (ExitCode.TEST_FAILURE, "bad"),
+    (ExitCode.SPLAT, "bad"),
+    (ExitCode.TIMEOUT, "bad"),
+    (ExitCode.BUILD_FAILURE, "skip"),
+    (ExitCode.PATCH_FAILURE, "skip"),
+    (ExitCode.USAGE, "abort"),
+    (ExitCode.INFRASTRUCTURE, "abort"),
+    (ExitCode.INTERRUPTED, "abort"),
+    (42, "abort"),
+    (-9, "abort"),
+])
+def test_exit_codes_map_to_bisect_labels(code, outcome):
+    assert bisect.outcome_of(int(code)) == outcome
+
+
+def test_git_exit_codes_are_what_git_bisect_run_understands():
+    assert bisect.GIT_EXIT == {"good": 0, "bad": 1, "skip": 125, "abort": 255}
+    assert 128 <= bisect.GIT_EXIT["abort"] <= 255
+
+
+# --- whole bisects ---------------------------------------------------------------------------
+
+
+def test_names_the_first_failing_commit_and_why(tmp_path, standin):
+    commits, result, code, text = bisect_repo(
+        tmp_path, standin, ["pass"] * 5 + ["fail"] * 4)
+    assert (result.status, result.first_bad, code) == ("found", commits[5], 0)
+    assert f"first bad commit: {commits[5][:12]} c5: fail" in text
+    assert "failed: test_teardown::test_closed_sockets_leave_no_storage_in_the_map: " \
+           "assert 12 == 0" in text
+    # Each step's label matches the behaviour of the commit it tested.
+    by_commit = {c: b for c, b in zip(commits, ["good"] * 5 + ["bad"] * 4)}
+    assert result.steps and all(s["outcome"] == by_commit[s["commit"]] for s in result.steps)
+    # The -k expression reached the runs, and every step has its own directory.
+    for step in result.steps:
+        assert Path(step["dir"], "verdict.json").exists()
+        assert Path(step["dir"], "run-1", "summary.json").exists()
+    assert "-k teardown" in (tmp_path / "out" / bisect.RUN_LOG).read_text()
+    saved = json.loads((tmp_path / "out" / bisect.RESULT_FILE).read_text())
+    assert saved["first_bad"] == commits[5] and len(saved["steps"]) == len(result.steps)
+
+
+def test_a_splat_marks_the_commit_bad_and_is_reported(tmp_path, standin):
+    commits, result, code, text = bisect_repo(
+        tmp_path, standin, ["pass"] * 3 + ["splat"] * 3)
+    assert result.first_bad == commits[3] and code == 0
+    assert "splat: KASAN at console line 7:" in text
+    assert "BUG: KASAN: use-after-free in bpf_sk_storage_free" in text
+
+
+def test_commits_that_do_not_build_are_skipped_not_blamed(tmp_path, standin):
+    behaviours = ["pass"] * 4 + ["nobuild", "pass"] + ["fail"] * 3
+    commits, result, code, text = bisect_repo(tmp_path, standin, behaviours)
+    assert (result.status, result.first_bad, code) == ("found", commits[6], 0)
+    skipped = [s for s in result.steps if s["outcome"] == "skip"]
+    assert [s["commit"] for s in skipped] == [commits[4]]
+    assert "kernel build failed" in skipped[0]["reason"]
+    assert f"first bad commit: {commits[6][:12]} c6: fail" in text
+
+
+def test_skips_next_to_the_answer_leave_candidates(tmp_path, standin):
+    behaviours = ["pass"] * 4 + ["nobuild"] + ["fail"] * 3
+    commits, result, code, text = bisect_repo(tmp_path, standin, behaviours)
+    assert result.status == "inconclusive" and code == ExitCode.BUILD_FAILURE
+    assert set(result.candidates) == {commits[4], commits[5]}
+    assert f"{commits[4][:12]} c4: nobuild" in text
+
+
+@pytest.mark.parametrize("behaviour, why", [
+    ("infra", "QEMU could not start"),
+    ("bug", "runner bug: ValueError: boom"),
+])
+def test_infrastructure_errors_and_runner_bugs_abort_without_labelling(
+        tmp_path, standin, behaviour, why):
+    behaviours = ["pass"] * 4 + [behaviour] + ["fail"] * 4
+    commits, result, code, text = bisect_repo(tmp_path, standin, behaviours)
+    assert result.status == "aborted" and result.first_bad is None
+    assert code == ExitCode.INFRASTRUCTURE
+    assert result.steps[-1]["commit"] == commits[4] and result.steps[-1]["outcome"] == "abort"
+    assert f"aborted at {commits[4][:12]}" in text and why in text
+    log = (tmp_path / "out" / bisect.GIT_BISECT_LOG).read_text()
+    labelled = [line for line in log.splitlines() if not line.startswith("#")]
+    assert not any(commits[4] in line for line in labelled)
+
+
+@pytest.mark.parametrize("runs, first_bad", [(1, 5), (3, 4)])
+def test_runs_catch_a_flaky_failure(tmp_path, standin, runs, first_bad):
+    # c4 fails only on its second run: one run calls it good, three call it bad.
+    behaviours = ["pass"] * 4 + ["flaky"] + ["fail"] * 3
+    commits, result, code, text = bisect_repo(tmp_path, standin, behaviours, runs=runs)
+    assert result.first_bad == commits[first_bad] and code == 0
+    assert f"first bad commit: {commits[first_bad][:12]}" in text
+    flaky = [s for s in result.steps if s["commit"] == commits[4]]
+    if runs == 3:
+        assert flaky[0]["outcome"] == "bad" and len(flaky[0]["runs"]) == 2
+        assert flaky[0]["reason"].startswith("run 2 of 3: ")
+    good = [s for s in result.steps if s["outcome"] == "good"]
+    assert all(len(s["runs"]) == runs for s in good)
+
+
+# --- interruption ------------------------------------------------------------------------------
+
+
+def start_harness(tmp_path, standin, behaviour):
+    tree = tmp_path / "tree"
+    commits = make_repo(tree, ["pass"] * 4 + [behaviour] + ["fail"] * 4)
+    out, journal, marker = tmp_path / "out", tmp_path / "journal", tmp_path / "marker"
+    (tmp_path / "harness.py").write_text(HARNESS)
+    env = dict(os.environ, STANDIN_JOURNAL=str(journal), STANDIN_MARKER=str(marker))
+    process = subprocess.Popen(
+        [sys.executable, str(tmp_path / "harness.py"), str(tree), commits[0], commits[-1],
+         str(out), str(journal), *step_command(standin, out)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()[0]
+        assert time.monotonic() < deadline, "the step never reached the hanging commit"
+        time.sleep(0.1)
+    time.sleep(0.2)
+    assert (tree / "behaviour").read_text() == "patched by the series\n"
+    return tree, process, int(marker.read_text())
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupting_the_driver_stops_the_step_and_resets_the_tree(tmp_path, standin, sig):
+    tree, process, step_pid = start_harness(tmp_path, standin, "hang")
+    process.send_signal(sig)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == ExitCode.INTERRUPTED, output
+    assert "interrupted" in output
+    assert not pid_alive(step_pid)
+    assert_restored(tree)
+    assert (tree / "behaviour").read_text() == "fail\n"
+
+
+def test_a_step_that_ignores_signals_is_killed_and_its_series_removed(tmp_path, standin):
+    tree, process, step_pid = start_harness(tmp_path, standin, "stubborn")
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=90)
+    assert process.returncode == ExitCode.INTERRUPTED, output
+    assert not pid_alive(step_pid)
+    assert "removed the series a stopped step left in 1 file(s)" in output
+    assert_restored(tree)
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+
+def test_refuses_trees_a_bisect_would_trip_over(tmp_path):
+    tree = tmp_path / "tree"
+    commits = make_repo(tree, ["pass", "pass", "fail"])
+    with pytest.raises(UsageError, match="no such commit"):
+        bisect.check_tree(tree, "v0.0-nonexistent", commits[-1])
+    with pytest.raises(UsageError, match="not an ancestor"):
+        bisect.check_tree(tree, commits[2], commits[0])
+    with pytest.raises(UsageError, match="same commit"):
+        bisect.check_tree(tree, commits[1], commits[1])
+    (tree / "history.txt").write_text("edited\n")
+    with pytest.raises(UsageError, match="uncommitted changes"):
+        bisect.check_tree(tree, commits[0], commits[-1])
+    git(tree, "checkout", "history.txt")
+    git(tree, "bisect", "start", commits[-1], commits[0])
+    with pytest.raises(UsageError, match="already in progress"):
+        bisect.check_tree(tree, commits[0], commits[-1])
+    git(tree, "bisect", "reset")
+    assert bisect.check_tree(tree, "HEAD~2", "HEAD") == (commits[0], commits[-1])
+    with pytest.raises(UsageError, match="not in a git tree"):
+        bisect.find_tree(tmp_path)
+
+
+def test_a_step_that_cannot_start_stops_the_bisect_instead_of_blaming(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert bisect.step_main(["--runs", "not-a-number"]) == 255
+    assert bisect.step_main(["--distro-kernel", "6.1"]) == 255
+    assert bisect.step_main(["--kernel-src", str(tmp_path)]) == 255  # not a git tree
+
+
+def test_every_run_option_reaches_the_step_or_is_refused():
+    parser = argparse.ArgumentParser()
+    cli.add_run_arguments(parser)
+    dests = {a.dest for a in parser._actions if a.dest != "help"}
+    handled = bisect.PASSED_OPTIONS | set(bisect.REJECTED_OPTIONS)
+    assert dests - handled == set(), "new run option: pass it in step_arguments or refuse it"
+
+
+def test_step_arguments_round_trip(tmp_path):
+    series = tmp_path / "series"
+    series.write_text("")
+    fragment = tmp_path / "extra.config"
+    fragment.write_text("CONFIG_X=y\n")
+    driver = argparse.ArgumentParser()
+    bisect.add_arguments(driver)
+    args = driver.parse_args(["--good", "v1", "--bad", "v2", "-k", "teardown and not slow",
+                              "--series", str(series), "--config", str(fragment), "--runs",
+                              "3", "-m", "", "--timeout", "600", "--accel", "tcg", "-j", "3",
+                              "--force", "--cache-dir", str(tmp_path / "c")])
+    step = argparse.ArgumentParser()
+    bisect.add_step_arguments(step)
+    parsed = step.parse_args(bisect.step_arguments(args, tmp_path / "tree", tmp_path / "o"))
+    assert parsed.kernel_src == tmp_path / "tree" and parsed.output == tmp_path / "o"
+    for dest in bisect.PASSED_OPTIONS - {"kernel_src", "output", "suite", "series", "config",
+                                         "cache_dir"}:
+        assert getattr(parsed, dest) == getattr(args, dest), dest
+    assert parsed.series == series.resolve() and parsed.config == [fragment.resolve()]
+    assert parsed.runs == 3 and parsed.keyword == "teardown and not slow"
+
+
+def test_restore_tree_replays_a_left_over_journal(tmp_path):
+    tree = tmp_path / "tree"
+    commits = make_repo(tree, ["pass", "fail"])
+    git(tree, "bisect", "start", commits[1], commits[0])
+    journal = patches.Journal(tmp_path / "journal")
+    journal.record(tree, ["behaviour"])
+    (tree / "behaviour").write_text("patched\n")
+    lines: list[str] = []
+    assert bisect.restore_tree(tree, tmp_path / "journal", lines.append)
+    assert_restored(tree)
+    assert not journal.exists()
+
+
+def test_parses_what_git_bisect_run_prints():
+    sha = "a" * 40
+    assert bisect.parse_bisect_output(f"x\n{sha} is the first bad commit\ncommit {sha}\n") == \
+        ("found", sha, [])
+    text = ("There are only 'skip'ped commits left to test.\n"
+            "The first bad commit could be any of:\n" + "b" * 40 + "\n" + "c" * 40 +
+            "\nWe cannot bisect more!\n")
+    assert bisect.parse_bisect_output(text) == ("inconclusive", None, ["b" * 40, "c" * 40])
+    assert bisect.parse_bisect_output("bisect run failed: exit code 255")[0] == "aborted"
