@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="connected UDP sockets (default: %(default)s, as in the commit)")
     bench.add_argument("--packets", type=int, default=200_000, metavar="N",
                        help="datagrams per measurement (default: %(default)s)")
+    bench.add_argument("--burst", type=int, default=1, metavar="K",
+                       help="datagrams per socket in a row; 1 (default) is round-robin, "
+                            "every packet on a cache-cold socket")
     bench.add_argument("--from-json", type=Path, metavar="FILE",
                        help="only render a saved bench.json, run nothing")
     cli.add_run_arguments(parser)
@@ -65,9 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def guest_module_args(args: argparse.Namespace) -> list[str]:
     """The `python3 -m bench` options these arguments ask for."""
-    if args.repeat < 1 or args.packets < 1:
-        raise UsageError("--repeat and --packets must be at least 1")
-    module_args = ["--repeat", str(args.repeat), "--packets", str(args.packets)]
+    if min(args.repeat, args.packets, args.burst) < 1:
+        raise UsageError("--repeat, --packets and --burst must be at least 1")
+    module_args = ["--repeat", str(args.repeat), "--packets", str(args.packets),
+                   "--burst", str(args.burst)]
     return module_args + (["--sweep"] if args.sweep else ["--sockets", args.sockets])
 
 
@@ -190,10 +194,12 @@ def header(result: dict) -> list[str]:
     cpu = result.get("cpu", {})
     kernel = (f"kernel {result['kernel']['release']} ({result['kernel']['machine']}), "
               f"JIT {jit_label(result)}, accelerator: {accel_label(result)}")
+    burst = config.get("burst", 1)
+    order = "round-robin" if burst == 1 else f"bursts of {burst} per socket"
     workload = (f"cpu: {cpu.get('model', '?')} x{cpu.get('count', '?')}; stats via "
                 f"{result.get('stats_mechanism', '?')}; {config['packets']} datagrams per "
-                f"measurement after one warm-up round, {config['repeats']} repeats, "
-                "median [min-max]")
+                f"measurement ({order}) after one warm-up round, {config['repeats']} "
+                "repeats, median [min-max]")
     return [kernel, workload]
 
 
@@ -281,12 +287,14 @@ def plot_sweep(result: dict, path: Path) -> Path | None:
     axes.set_xscale("log", base=2)
     axes.set_xticks(sockets)
     axes.set_xticklabels([str(s) for s in sockets], rotation=45)
-    axes.set_xlabel("connected UDP sockets (round-robin)")
+    burst = result["config"].get("burst", 1)
+    axes.set_xlabel("connected UDP sockets (" + ("round-robin)" if burst == 1
+                                                 else f"bursts of {burst})"))
     axes.set_ylabel("ns per program run")
     axes.set_ylim(bottom=0)
     axes.set_title(f"egress counter, {result['kernel']['release']}, "
-                   f"JIT {jit_label(result).split()[0]}, {accel_label(result).split(':')[0]}",
-                   fontsize=10)
+                   f"JIT {jit_label(result).split()[0]}, "
+                   f"accel: {accel_label(result).split(':')[0]}", fontsize=10)
     axes.legend(fontsize=8)
     axes.grid(True, alpha=0.3)
     figure.tight_layout()

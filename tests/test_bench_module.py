@@ -63,6 +63,31 @@ def test_expected_counts_round_robin_after_one_warmup_round():
     assert sum(egress_counter.expected_counts(4096, 200_000)) == 4096 + 200_000
 
 
+class _CountingSocket:
+    """Stands in for a connected socket: counts what send_bursts() sends on it."""
+
+    def __init__(self, log: list[int], index: int) -> None:
+        self.log, self.index, self.sent = log, index, 0
+
+    def send(self, payload: bytes) -> int:
+        self.sent += 1
+        self.log.append(self.index)
+        return len(payload)
+
+
+@pytest.mark.parametrize("sockets, packets, burst", [
+    (4, 10, 1), (4, 10, 3), (3, 7, 8), (5, 100, 7), (64, 640, 1),
+])
+def test_expected_counts_match_what_send_bursts_sends(sockets, packets, burst):
+    order: list[int] = []
+    fake = [_CountingSocket(order, i) for i in range(sockets)]
+    egress_counter.send_bursts(fake, packets, burst)
+    assert [s.sent + 1 for s in fake] == egress_counter.expected_counts(sockets, packets, burst)
+    # Bursts really are consecutive: the socket changes only every `burst` datagrams.
+    changes = sum(1 for a, b in zip(order, order[1:]) if a != b)
+    assert changes == len(list(egress_counter.burst_schedule(sockets, packets, burst))) - 1
+
+
 def test_every_socket_sends_at_least_once_in_the_measured_phase():
     assert egress_counter.packets_for(4096, 100) == 4096
     assert egress_counter.packets_for(64, 100) == 100

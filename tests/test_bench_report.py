@@ -126,7 +126,7 @@ def _args(**overrides) -> argparse.Namespace:
 
 def test_module_args_follow_the_options():
     assert bench.guest_module_args(_args()) == ["--repeat", "5", "--packets", "200000",
-                                                "--sockets", "4096"]
+                                                "--burst", "1", "--sockets", "4096"]
     assert bench.guest_module_args(_args(sweep=True, repeat=3))[-1] == "--sweep"
     with pytest.raises(UsageError):
         bench.guest_module_args(_args(repeat=0))
