@@ -18,6 +18,7 @@ from typing import Callable
 from . import asm, btf, maps, prog, syscall
 
 SK_STORAGE_ITER_FUNC = "bpf_iter_bpf_sk_storage_map"
+SK_STORAGE_FREE_FUNC = "bpf_sk_storage_free"
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,13 @@ def probe_sk_storage_iter() -> bool:
         os.close(prog_fd)
 
 
+def probe_sk_storage_fexit() -> bool:
+    """fexit on bpf_sk_storage_free() (5.5): BPF trampolines (JIT, ftrace), kernel BTF, no LSM veto."""
+    from . import tracing  # only this probe needs trampolines
+
+    return probe_kernel_btf() and tracing.trampolines_work(SK_STORAGE_FREE_FUNC)
+
+
 def probe_diag_storages() -> bool:
     """INET_DIAG_REQ_SK_BPF_STORAGES (5.7): a socket's storage comes back in its diag record.
 
@@ -144,6 +152,10 @@ FEATURES = {
     "diag_storages": Feature("INET_DIAG_REQ_SK_BPF_STORAGES", "5.7", probe_diag_storages),
     "enable_stats": Feature("BPF_ENABLE_STATS", "5.8", probe_enable_stats),
     "sk_storage_iter": Feature("bpf_iter for sk storage maps", "5.9", probe_sk_storage_iter),
+    "sk_storage_fexit": Feature(
+        "fexit on bpf_sk_storage_free() (BPF trampolines: JIT and ftrace, not refused by an LSM)",
+        "5.5",
+        probe_sk_storage_fexit),
 }
 
 

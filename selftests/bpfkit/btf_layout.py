@@ -1,0 +1,163 @@
+"""Struct layouts from a BTF blob: where a member of a kernel struct sits, and its size.
+
+bpfkit.btf.KernelBtf knows names, kinds and ids only. A tracing program reading a
+kernel object (say `sk->sk_omem_alloc` at fexit of bpf_sk_storage_free) needs the
+member's byte offset in *this* kernel's build, which only the kernel's own BTF knows.
+
+A member is named by a dotted path ("__sk_common.skc_cookie"); members of anonymous
+structs and unions are found as if they belonged to the enclosing struct, as in C.
+Typedefs and qualifiers are looked through. Bitfields have no byte offset: asking for
+one raises ValueError.
+"""
+
+from __future__ import annotations
+
+import functools
+import struct
+from dataclasses import dataclass
+
+from . import btf
+
+# Kinds whose size_or_type field is a type id to follow for the size.
+_REFERENCE_KINDS = {
+    btf.BTF_KIND_TYPEDEF, btf.BTF_KIND_VOLATILE, btf.BTF_KIND_CONST,
+    btf.BTF_KIND_RESTRICT, btf.BTF_KIND_TYPE_TAG,
+}
+# Kinds whose size_or_type field is the size in bytes.
+_SIZED_KINDS = {
+    btf.BTF_KIND_INT, btf.BTF_KIND_STRUCT, btf.BTF_KIND_UNION, btf.BTF_KIND_ENUM,
+    btf.BTF_KIND_FLOAT, btf.BTF_KIND_ENUM64, btf.BTF_KIND_DATASEC,
+}
+_COMPOSITE_KINDS = {btf.BTF_KIND_STRUCT, btf.BTF_KIND_UNION}
+POINTER_SIZE = 8
+
+
+@dataclass(frozen=True)
+class Field:
+    """A member's place in its outermost struct: byte offset and size in bytes."""
+
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class _Type:
+    kind: int
+    name: str
+    kind_flag: bool
+    size_or_type: int
+    tail: bytes
+    vlen: int
+
+
+class BtfLayout:
+    """Every type of a BTF blob, enough to compute member offsets and type sizes."""
+
+    def __init__(self, blob: bytes) -> None:
+        magic, _version, _flags, hdr_len, type_off, type_len, str_off, str_len = (
+            struct.unpack_from("<HBBIIIII", blob))
+        if magic != btf.BTF_MAGIC:
+            raise ValueError(f"not a BTF blob (magic {magic:#x})")
+        strings = blob[hdr_len + str_off: hdr_len + str_off + str_len]
+
+        def name_at(offset: int) -> str:
+            return strings[offset: strings.index(b"\0", offset)].decode()
+
+        self._types: list[_Type | None] = [None]  # id 0 is void
+        self._by_name: dict[tuple[int, str], int] = {}
+        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        while pos < end:
+            name_off, info, size_or_type = struct.unpack_from("<III", blob, pos)
+            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            if kind not in btf._KIND_TAIL:
+                raise ValueError(f"BTF type {len(self._types)} has unknown kind {kind}")
+            fixed, per_entry = btf._KIND_TAIL[kind]
+            tail_len = fixed + per_entry * vlen
+            name = name_at(name_off) if name_off else ""
+            self._types.append(_Type(kind, name, bool(info >> 31), size_or_type,
+                                     blob[pos + 12: pos + 12 + tail_len], vlen))
+            if name:
+                self._by_name.setdefault((kind, name), len(self._types) - 1)
+            pos += 12 + tail_len
+        self._name_at = name_at
+
+    def _type(self, type_id: int) -> _Type:
+        found = self._types[type_id] if 0 < type_id < len(self._types) else None
+        if found is None:
+            raise LookupError(f"BTF has no type id {type_id}")
+        return found
+
+    def struct_id(self, name: str) -> int:
+        """Id of the struct called `name`; LookupError when there is none."""
+        try:
+            return self._by_name[(btf.BTF_KIND_STRUCT, name)]
+        except KeyError:
+            raise LookupError(f"BTF has no struct {name!r}") from None
+
+    def resolve(self, type_id: int) -> int:
+        """type_id with typedefs and qualifiers looked through."""
+        while self._type(type_id).kind in _REFERENCE_KINDS:
+            type_id = self._type(type_id).size_or_type
+        return type_id
+
+    def size_of(self, type_id: int) -> int:
+        """Size in bytes of a type."""
+        t = self._type(self.resolve(type_id))
+        if t.kind in _SIZED_KINDS:
+            return t.size_or_type
+        if t.kind == btf.BTF_KIND_PTR:
+            return POINTER_SIZE
+        if t.kind == btf.BTF_KIND_ARRAY:
+            elem_type, _index_type, nelems = struct.unpack_from("<III", t.tail)
+            return nelems * self.size_of(elem_type)
+        raise ValueError(f"BTF type {type_id} (kind {t.kind}) has no size")
+
+    def _members(self, type_id: int) -> list[tuple[str, int, int, int]]:
+        """(name, type id, bit offset, bitfield size) of a struct or union's members."""
+        t = self._type(type_id)
+        members = []
+        for i in range(t.vlen):
+            name_off, member_type, offset = struct.unpack_from("<III", t.tail, 12 * i)
+            bits, bitfield = (offset & 0xFFFFFF, offset >> 24) if t.kind_flag else (offset, 0)
+            members.append((self._name_at(name_off) if name_off else "", member_type,
+                            bits, bitfield))
+        return members
+
+    def _find_member(self, type_id: int, name: str) -> tuple[int, int, int] | None:
+        """(bit offset, type id, bitfield size) of `name` in a struct/union, looking into
+        anonymous members; None when absent."""
+        for member_name, member_type, bits, bitfield in self._members(type_id):
+            if member_name == name:
+                return bits, member_type, bitfield
+            inner = self.resolve(member_type)
+            if not member_name and self._type(inner).kind in _COMPOSITE_KINDS:
+                found = self._find_member(inner, name)
+                if found is not None:
+                    return bits + found[0], found[1], found[2]
+        return None
+
+    def member(self, struct_name: str, path: str) -> Field:
+        """Offset (from the start of struct_name) and size of a dotted member path."""
+        type_id, bits, size = self.struct_id(struct_name), 0, 0
+        for name in path.split("."):
+            composite = self.resolve(type_id)
+            if self._type(composite).kind not in _COMPOSITE_KINDS:
+                raise LookupError(f"{struct_name}.{path}: {name!r} is looked up in a non-struct")
+            found = self._find_member(composite, name)
+            if found is None:
+                raise LookupError(f"BTF struct {struct_name!r} has no member {path!r}")
+            member_bits, type_id, bitfield = found
+            if bitfield:
+                raise ValueError(f"{struct_name}.{path} is a bitfield: it has no byte offset")
+            bits += member_bits
+            size = self.size_of(type_id)
+        if bits % 8:
+            raise ValueError(f"{struct_name}.{path} starts at bit {bits}, not on a byte")
+        return Field(bits // 8, size)
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_layout(path: str = btf.VMLINUX_BTF) -> BtfLayout:
+    """The running kernel's struct layouts; FileNotFoundError without CONFIG_DEBUG_INFO_BTF."""
+    with open(path, "rb") as f:
+        return BtfLayout(f.read())
