@@ -17,7 +17,7 @@ import socket
 import struct
 
 import pytest
-from bpfkit import cgroup, elements, maps, prog, sockdiag, syscall
+from bpfkit import btf, cgroup, elements, maps, probes, prog, sockdiag, syscall
 from bpfkit.asm import (
     ADD,
     DW,
@@ -171,3 +171,53 @@ def test_freeing_the_map_releases_storage_of_live_sockets(
     for index, sock in enumerate(every):
         assert maps.lookup(fresh_map, sock.fileno(), COUNTER_SIZE) == struct.pack(
             "=Q", 1000 + index)
+
+
+def test_open_iterator_keeps_its_map_alive(socks, closing):
+    """An sk storage map iterator fd holds the map: it outlives its fd and the link.
+
+    BPF_ITER_CREATE's fd references the program but not the link, so it must take its own
+    reference on the map (.init_seq_private) and drop it when closed (.fini_seq_private):
+    until then the map id stays listed and reading visits the elements; after it the map
+    is freed and the socket's optmem returns. Regression: 3c5f6e698b5c.
+    """
+    probes.require("sk_storage_iter")
+    sock = socks.bound(socket.AF_INET, socket.SOCK_DGRAM)
+    [baseline] = optmems([sock])
+    map_fd = maps.create_sk_storage_map(COUNTER_SIZE, name="iterated")
+    map_id = maps.map_info(map_fd).id
+    iter_fd = None
+    try:
+        maps.update(map_fd, sock.fileno(), struct.pack("=Q", 42))
+        assert optmems([sock])[0] > baseline
+        func_id = btf.kernel_btf().find(probes.SK_STORAGE_ITER_FUNC, btf.BTF_KIND_FUNC)
+        prog_fd = closing(prog.load_program(
+            syscall.BPF_PROG_TYPE_TRACING, elements.counting_program(), name="count_elems",
+            expected_attach_type=syscall.BPF_TRACE_ITER, attach_btf_id=func_id))
+        link_fd = prog.link_create(prog_fd, 0, syscall.BPF_TRACE_ITER, iter_map_fd=map_fd)
+        try:
+            iter_fd = prog.iter_create(link_fd)
+        finally:
+            os.close(link_fd)
+        os.close(map_fd)
+        map_fd = None
+
+        # Only the iterator fd refers to the map now.
+        assert map_id in maps.map_ids(), "the map was freed under an open iterator fd"
+        chunks = []
+        while True:
+            chunk = os.read(iter_fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert b"".join(chunks) == bytes([elements.ELEMENT_MARK])
+        assert map_id in maps.map_ids(), "the map was freed while the iterator was read"
+    finally:
+        for fd in (iter_fd, map_fd):
+            if fd is not None:
+                os.close(fd)
+
+    wait_until(lambda: map_id not in maps.map_ids(), CLEANUP_TIMEOUT,
+               lambda: f"map id {map_id} is still listed after its iterator fd closed")
+    wait_until(lambda: optmems([sock])[0] == baseline, CLEANUP_TIMEOUT,
+               lambda: f"optmem {optmems([sock])} did not return to {baseline}")

@@ -14,7 +14,7 @@ import socket
 import struct
 
 import pytest
-from bpfkit import cgroup, maps, probes, prog, syscall
+from bpfkit import btf, cgroup, maps, probes, prog, syscall
 from bpfkit.asm import (
     ADD,
     DW,
@@ -29,6 +29,7 @@ from bpfkit.asm import (
     R7,
     R8,
     R10,
+    B,
     W,
     alu64_imm,
     assemble,
@@ -340,3 +341,80 @@ def test_run_stats_mechanism_is_available():
     with prog.run_time_stats() as mechanism:
         expected = "BPF_ENABLE_STATS" if probes.has("enable_stats") else "kernel.bpf_stats_enabled"
         assert mechanism == expected
+
+
+# --- sk storage map iterators: value access bounded by value_size -------------------------
+
+# struct bpf_iter__bpf_sk_storage_map { meta; map; sk; value; }: 8-byte pointers; value is
+# the element's value (writable, PTR_TO_BUF) or NULL on the final call.
+ITER_CTX_VALUE = 24
+ITER_VALUE_SIZE = 12
+ITER_MARK = 0x5A
+
+
+def value_access_iterator(access: str, off: int) -> bytes:
+    """Iterator program touching ctx->value at `off`: a 1-byte write or a 4-byte read."""
+    touch = {
+        "write_byte": st_mem(B, R1, off, ITER_MARK),    # value[off] = mark
+        "read_word": ldx_mem(W, R2, R1, off),           # r2 = *(u32 *)(value + off)
+    }[access]
+    return assemble([
+        ldx_mem(DW, R1, R1, ITER_CTX_VALUE),            # r1 = ctx->value
+        jmp_imm(JEQ, R1, 0, "out"),                     # final call: no element
+        touch,
+        label("out"),
+        mov64_imm(R0, 0),
+        exit_insn(),
+    ])
+
+
+def load_iterator(program: bytes, closing) -> int:
+    """Load a BPF_TRACE_ITER program for sk storage maps (the map is named at attach)."""
+    func_id = btf.kernel_btf().find(probes.SK_STORAGE_ITER_FUNC, btf.BTF_KIND_FUNC)
+    return closing(prog.load_program(
+        syscall.BPF_PROG_TYPE_TRACING, program, expected_attach_type=syscall.BPF_TRACE_ITER,
+        attach_btf_id=func_id, name="value_access"))
+
+
+@pytest.mark.parametrize("access, off", [
+    ("write_byte", ITER_VALUE_SIZE),        # the first byte past the value
+    ("write_byte", ITER_VALUE_SIZE + 100),  # well past it
+    ("read_word", ITER_VALUE_SIZE - 2),     # a read straddling the end
+])
+def test_iterator_reaching_past_the_value_does_not_attach(access, off, new_storage_map,
+                                                          closing):
+    """Attaching an iterator whose ctx->value access ends past value_size is EACCES.
+
+    The verifier records the furthest byte the program reads or writes through the
+    writable value buffer (max_rdwr_access); bpf_iter_attach_map() must compare it with
+    the map's value_size. Regression: 52bd05eb7c88 (checked max_rdonly_access, always 0).
+    """
+    probes.require("sk_storage_iter")
+    map_fd = new_storage_map(ITER_VALUE_SIZE)
+    # The program itself is fine: only the map it is attached to fixes the bound.
+    prog_fd = load_iterator(value_access_iterator(access, off), closing)
+    try:
+        link_fd = prog.link_create(prog_fd, 0, syscall.BPF_TRACE_ITER, iter_map_fd=map_fd)
+    except syscall.BpfError as err:
+        assert (err.command, err.errno) == ("BPF_LINK_CREATE", errno.EACCES)
+    else:
+        os.close(link_fd)  # never read: the program would touch memory past the element
+        pytest.fail(f"an iterator accessing value[{off}] of a {ITER_VALUE_SIZE}-byte "
+                    "value was attached")
+
+
+def test_iterator_writing_within_the_value_attaches_and_writes(new_storage_map, socks,
+                                                               closing):
+    """An iterator writing the value's last byte attaches, and the write reaches the element.
+
+    The control for the EACCES cases: an access ending exactly at value_size is allowed.
+    """
+    probes.require("sk_storage_iter")
+    map_fd = new_storage_map(ITER_VALUE_SIZE)
+    sock = socks.bound(socket.AF_INET, socket.SOCK_DGRAM)
+    maps.update(map_fd, sock.fileno(), bytes(range(ITER_VALUE_SIZE)))
+    prog_fd = load_iterator(value_access_iterator("write_byte", ITER_VALUE_SIZE - 1), closing)
+    link_fd = closing(prog.link_create(prog_fd, 0, syscall.BPF_TRACE_ITER, iter_map_fd=map_fd))
+    assert prog.read_iterator(link_fd) == b""  # the program writes to the value, not the file
+    assert maps.lookup(map_fd, sock.fileno(), ITER_VALUE_SIZE) == (
+        bytes(range(ITER_VALUE_SIZE - 1)) + bytes([ITER_MARK]))

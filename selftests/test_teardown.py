@@ -10,6 +10,7 @@ sk_omem_alloc, reported as SK_MEMINFO_OPTMEM by sock_diag.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import socket
@@ -17,7 +18,18 @@ import struct
 from collections.abc import Iterator
 
 import pytest
-from bpfkit import elements, maps, probes, sockdiag, sockets, syscall, sysctl
+from bpfkit import (
+    asm,
+    btf_layout,
+    elements,
+    maps,
+    probes,
+    sockdiag,
+    sockets,
+    syscall,
+    sysctl,
+    tracing,
+)
 
 pytestmark = pytest.mark.teardown
 
@@ -233,3 +245,174 @@ def test_update_beyond_optmem_max_is_enomem(new_storage_map, socks):
     maps.update(map_fd, sock.fileno(), value_for(1))
     assert maps.lookup(map_fd, sock.fileno(), VALUE_SIZE) == value_for(1)
     assert optmem(sock) == baseline + cost
+
+
+# --- the dying socket's optmem, seen from inside bpf_sk_storage_free() ------------------
+
+# struct { __u32 calls; __s32 omem; }: per watched socket cookie, how often
+# bpf_sk_storage_free() returned for it and sk->sk_omem_alloc when it last did.
+DESTROY_RECORD = struct.Struct("=Ii")
+
+
+def destroy_watch_program(records_fd: int, cookie_off: int, omem_off: int) -> bytes:
+    """fexit of bpf_sk_storage_free(struct sock *sk): record sk_omem_alloc of watched sockets.
+
+    A socket is watched when its cookie (sk->__sk_common.skc_cookie, set once user space
+    asked SO_COOKIE) is a key of records_fd; every other socket is ignored.
+    """
+    return asm.assemble([
+        asm.ldx_mem(asm.DW, asm.R6, asm.R1, 0),            # r6 = sk (ctx[0], BTF struct sock)
+        asm.ldx_mem(asm.DW, asm.R1, asm.R6, cookie_off),   # r1 = sk->sk_cookie
+        asm.stx_mem(asm.DW, asm.R10, asm.R1, -8),          # key = cookie at fp-8
+        asm.ld_map_fd(asm.R1, records_fd),
+        asm.mov64_reg(asm.R2, asm.R10),
+        asm.alu64_imm(asm.ADD, asm.R2, -8),                # r2 = &key
+        asm.call("map_lookup_elem"),                       # r0 = this socket's record or NULL
+        asm.jmp_imm(asm.JEQ, asm.R0, 0, "out"),            # not a watched socket
+        asm.ldx_mem(asm.W, asm.R1, asm.R6, omem_off),      # r1 = sk->sk_omem_alloc.counter
+        asm.stx_mem(asm.W, asm.R0, asm.R1, 4),             # record->omem = r1
+        asm.mov64_imm(asm.R1, 1),
+        asm.atomic_add(asm.W, asm.R0, asm.R1, 0),          # lock record->calls += 1
+        asm.label("out"),
+        asm.mov64_imm(asm.R0, 0),
+        asm.exit_insn(),
+    ])
+
+
+class DestroyWatch:
+    """An fexit program on bpf_sk_storage_free() reporting the omem of chosen sockets."""
+
+    def __init__(self, closing) -> None:
+        layout = btf_layout.kernel_layout()
+        cookie = layout.member("sock", "__sk_common.skc_cookie")
+        omem = layout.member("sock", "sk_omem_alloc")
+        assert (cookie.size, omem.size) == (8, 4), (cookie, omem)
+        self.records_fd = closing(maps.create_map(
+            syscall.BPF_MAP_TYPE_HASH, 8, DESTROY_RECORD.size, 64))
+        self.prog_fd = closing(tracing.load(
+            destroy_watch_program(self.records_fd, cookie.offset, omem.offset),
+            probes.SK_STORAGE_FREE_FUNC, name="storage_free"))
+        self._closing = closing
+        self.cookies: dict[str, int] = {}
+
+    def watch(self, name: str, sock: socket.socket) -> None:
+        """Record this socket's destruction under `name`."""
+        cookie = sockdiag.socket_cookie(sock)
+        self.cookies[name] = cookie
+        maps.update_elem(self.records_fd, struct.pack("=Q", cookie), DESTROY_RECORD.pack(0, 0))
+
+    def attach(self) -> None:
+        """Start running the program (detached when the test's fds are closed)."""
+        self._closing(tracing.attach(self.prog_fd))
+
+    def records(self) -> dict[str, tuple[int, int]]:
+        """(calls, omem) per watched socket name."""
+        return {name: DESTROY_RECORD.unpack(maps.lookup_elem(
+                    self.records_fd, struct.pack("=Q", cookie), DESTROY_RECORD.size))
+                for name, cookie in self.cookies.items()}
+
+
+def test_destroyed_socket_has_uncharged_all_its_storage(inet_family, new_storage_map, socks,
+                                                        closing):
+    """bpf_sk_storage_free() at socket destruction gives back every byte it charged.
+
+    Each element charged sk_omem_alloc when created; when the socket dies, freeing its
+    storage must uncharge the elements and the storage header, so at the return of
+    bpf_sk_storage_free() sk_omem_alloc of a socket with no other optmem user is 0
+    (__sk_destruct() checks exactly that, with a pr_debug only). No interface shows a
+    destroyed socket, so an fexit program reads it. Regression: 55d49f750b1c.
+    """
+    probes.require("sk_storage_fexit")
+    watch = DestroyWatch(closing)
+    storage_maps = [new_storage_map(VALUE_SIZE), new_storage_map(64)]
+    for kind in SOCKET_KINDS:
+        sock = socket_of_kind(socks, inet_family, kind)
+        assert optmem(sock) == 0, f"{kind}: something else already charges optmem"
+        maps.update(storage_maps[0], sock.fileno(), value_for(1))
+        maps.update(storage_maps[1], sock.fileno(), bytes(range(64)))
+        assert optmem(sock) > 0, f"{kind}: storage charged nothing to optmem"
+        watch.watch(kind, sock)
+    watch.attach()
+
+    socks.close_all()
+    reached, _ = elements.wait_for(
+        lambda: sum(calls >= 1 for calls, _ in watch.records().values()),
+        len(SOCKET_KINDS), CLEANUP_TIMEOUT)
+    assert reached, (
+        f"bpf_sk_storage_free() did not return for every closed socket within "
+        f"{CLEANUP_TIMEOUT:g} s: {watch.records()}")
+    assert watch.records() == {kind: (1, 0) for kind in SOCKET_KINDS}
+
+
+# --- a clone that fails before it gets its own storage ----------------------------------
+
+SO_ATTACH_FILTER = 26
+BPF_RET_K = 0x06            # classic BPF: return k
+ACCEPT_WHOLE_PACKET = 0xFFFFFFFF
+OPTMEM_SYSCTL = "net.core.optmem_max"
+# How long a connection whose child could not be created must stay unaccepted.
+NOT_ACCEPTED_FOR = 0.5
+
+
+def attach_accept_all_filter(sock: socket.socket) -> None:
+    """SO_ATTACH_FILTER a one-insn classic filter ("ret #-1": keep every packet)."""
+    insns = ctypes.create_string_buffer(struct.pack("=HBBI", BPF_RET_K, 0, 0,
+                                                    ACCEPT_WHOLE_PACKET), 8)
+    # struct sock_fprog { unsigned short len; struct sock_filter *filter; }
+    fprog = struct.pack("=H6xQ", 1, ctypes.addressof(insns))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+
+
+def drops(sock: socket.socket) -> int:
+    """sk_drops of a live socket (a listener counts each child it failed to create)."""
+    return sockdiag.socket_record(sock).meminfo[sockdiag.SK_MEMINFO_DROPS]
+
+
+def test_failed_clone_leaves_the_listeners_storage(inet_family, storage_map, socks,
+                                                   count_elements):
+    """A child whose clone fails early is freed without touching its listener's storage.
+
+    sk_clone_lock() copies the listener byte for byte, then must forget the copied
+    sk_bpf_storage before any early bail-out: with the listener's socket filter
+    uncharged-for (net.core.optmem_max 0 makes sk_filter_charge() fail) the clone is
+    freed at once, and freeing it must not free the listener's storage. Regression:
+    7cbd0c4cebe4.
+    """
+    listener = socks.tcp_listener(inet_family)
+    attach_accept_all_filter(listener)
+    maps.update(storage_map, listener.fileno(), value_for(11))
+    counter = count_elements(storage_map)
+    assert counter.count() == 1
+    before = sockdiag.socket_record(listener)
+    assert before.optmem > 0  # the filter and the storage
+    drops_before = before.meminfo[sockdiag.SK_MEMINFO_DROPS]
+
+    client = socks.plain(inet_family, socket.SOCK_STREAM)
+    client.settimeout(5)
+    with sysctl.temporarily(OPTMEM_SYSCTL, 0):
+        # The handshake completes on the client's side; the listener's attempt to make
+        # the child from the final ACK fails and counts a drop (tcp_listendrop()).
+        client.connect(listener.getsockname())
+        reached, _ = elements.wait_for(lambda: int(drops(listener) > drops_before), 1,
+                                       CLEANUP_TIMEOUT)
+        assert reached, f"the listener's drops stayed at {drops_before}: no clone failed"
+        listener.settimeout(NOT_ACCEPTED_FOR)
+        with pytest.raises(socket.timeout):
+            unexpected, _ = listener.accept()
+            unexpected.close()
+
+    assert maps.lookup(storage_map, listener.fileno(), VALUE_SIZE) == value_for(11)
+    assert counter.count() == 1
+    assert optmem(listener) == before.optmem
+
+    # With optmem_max back, the client's next segment makes the child after all: the
+    # listener, its storage and its filter are intact, and the child starts bare.
+    client.sendall(b"after the failed clone")
+    listener.settimeout(5)
+    child, _ = listener.accept()
+    with child:
+        child.settimeout(5)
+        assert child.recv(64) == b"after the failed clone"
+        assert lookup_errno(storage_map, child) == errno.ENOENT
+    assert maps.lookup(storage_map, listener.fileno(), VALUE_SIZE) == value_for(11)
+    assert counter.count() == 1
