@@ -15,7 +15,7 @@ import struct
 import time
 
 import pytest
-from bpfkit import cgroup, child, maps, probes, prog, syscall, sysctl
+from bpfkit import cgroup, child, maps, probes, prog, sockdiag, syscall, sysctl
 from bpfkit.asm import (
     ADD,
     DW,
@@ -249,3 +249,35 @@ def test_program_counter_under_spin_lock_is_exact(
         sent = sum(c.result(60) for c in running)
     lock_word, (count,) = unpack_value(maps.lookup(map_fd, sender.fileno(), 8, F_LOCK))
     assert (lock_word, count) == (0, sent) == (0, senders * per_sender)
+
+
+# Dumps per round: enough for the freed reply buffer of the 0xFF dump to be handed to the
+# locked dump on the same CPU at least once, cheap either way.
+DIAG_ROUNDS = 20
+
+
+def test_sock_diag_dump_zeroes_the_lock_slot(new_storage_map, socks):
+    """A sock_diag storage dump of a value with a bpf_spin_lock reads 0 in the lock slot.
+
+    diag_get() copies the value around its lock (copy_map_value*) into a freshly reserved
+    netlink attribute, which is not zeroed: the lock slot must be cleared explicitly or it
+    carries whatever the reply buffer held before. Each round first dumps the same socket
+    through a lock-free map whose value is all 0xFF, so the memory the locked dump reuses
+    is dirty. Upstream fix: b5c111f4967b.
+    """
+    probes.require("diag_storages")
+    locked = new_storage_map(16, spin_lock=True)
+    dirty = new_storage_map(16)
+    locked_id, dirty_id = maps.map_info(locked).id, maps.map_info(dirty).id
+    sock = socks.tcp_listener(socket.AF_INET)  # UDP records carry no storage
+    maps.update(dirty, sock.fileno(), b"\xff" * 16)
+    maps.update(locked, sock.fileno(), pack_value(0, [1, 2, 3]), syscall.BPF_ANY | F_LOCK)
+
+    dumped = []
+    for _ in range(DIAG_ROUNDS):
+        storages = sockdiag.socket_record(sock, meminfo=False, map_fds=[dirty]).storages
+        assert storages == {dirty_id: b"\xff" * 16}
+        storages = sockdiag.socket_record(sock, meminfo=False, map_fds=[locked]).storages
+        assert set(storages) == {locked_id}
+        dumped.append(unpack_value(storages[locked_id]))
+    assert [d for d in dumped if d != (0, [1, 2, 3])] == []
