@@ -210,7 +210,9 @@ def obtain_kernel(options: RunOptions, user_source: source.KernelSource | None,
 def judge_output_dir(out: Path, boot_status: str) -> tuple:
     """Stage 6 on saved files: (verdict, tests, splats) from junit.xml, exit file, console.log."""
     console = out / artifacts.CONSOLE_LOG
-    text = console.read_text(errors="replace") if console.exists() else ""
+    # A pty turns each newline into CR LF (or CR CR LF); drop the CRs so excerpts
+    # do not show blank lines, while line numbers stay those of console.log.
+    text = console.read_text(errors="replace").replace("\r", "") if console.exists() else ""
     splats = results.find_console_splats(text)
     tests, problem = None, None
     try:

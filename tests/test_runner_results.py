@@ -178,3 +178,33 @@ def test_the_parse_subcommand_rejudges_a_saved_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "SKIP  check_guest::test_skipped_with_a_reason" in proc.stdout
     assert proc.stdout.rstrip().splitlines()[-1].startswith("VERDICT: PASS")
+
+
+PANIC_CONSOLE = (FIXTURES / "console-sysrq-panic-6.1.log").read_text()
+
+
+def test_a_real_panic_console_is_a_crash_verdict_with_its_excerpt(tmp_path):
+    out = write_run(tmp_path / "run", None, None, PANIC_CONSOLE)
+    verdict, _tests, splats, _ = pipeline.judge_output_dir(out, "panic")
+    assert verdict.exit_code == ExitCode.SPLAT
+    assert splats and splats[0].kind == "panic"
+    # The report starts at sysrq's own line, just before the panic message.
+    assert "sysrq: Trigger a crash" in PANIC_CONSOLE.splitlines()[splats[0].line - 1]
+    assert "Kernel panic - not syncing: sysrq triggered crash" in splats[0].excerpt
+    shown = results.format_splats(splats)
+    assert "sysrq_handle_crash" in shown and "\n\n" not in shown
+
+
+def test_a_splat_fails_a_run_whose_tests_all_passed(tmp_path):
+    out = write_run(tmp_path / "run", GUEST_JUNIT, "0\n", CLEAN_CONSOLE + PANIC_CONSOLE)
+    verdict, tests, _splats, pytest_exit = pipeline.judge_output_dir(out, "exited")
+    assert pytest_exit == 0 and all(t.outcome != "failed" for t in tests)
+    assert verdict.exit_code == ExitCode.SPLAT
+
+
+def test_console_carriage_returns_do_not_shift_line_numbers(tmp_path):
+    crlf = PANIC_CONSOLE.replace("\n", "\r\r\n")
+    out = write_run(tmp_path / "run", None, None, crlf)
+    _, _, splats, _ = pipeline.judge_output_dir(out, "panic")
+    raw_lines = (out / "console.log").read_bytes().split(b"\n")
+    assert b"sysrq: Trigger a crash" in raw_lines[splats[0].line - 1]
