@@ -210,9 +210,13 @@ def obtain_kernel(options: RunOptions, user_source: source.KernelSource | None,
 def judge_output_dir(out: Path, boot_status: str) -> tuple:
     """Stage 6 on saved files: (verdict, tests, splats) from junit.xml, exit file, console.log."""
     console = out / artifacts.CONSOLE_LOG
-    # A pty turns each newline into CR LF (or CR CR LF); drop the CRs so excerpts
-    # do not show blank lines, while line numbers stay those of console.log.
-    text = console.read_text(errors="replace").replace("\r", "") if console.exists() else ""
+    text = ""
+    if console.exists():
+        # A pty turns each newline into CR LF (or CR CR LF).  Read without newline
+        # translation and drop the CRs: excerpts get no blank lines and line
+        # numbers stay those of console.log.
+        with open(console, encoding="utf-8", errors="replace", newline="") as stream:
+            text = stream.read().replace("\r", "")
     splats = results.find_console_splats(text)
     tests, problem = None, None
     try:
