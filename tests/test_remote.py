@@ -1,0 +1,484 @@
+"""--target over a real OpenSSH server on 127.0.0.1: trust, keys, failures, and real suite runs.
+
+A module-scoped sshd (Debian's openssh-server) listens on a random port with a
+temporary host key and one authorized client key.  Runs go against this
+machine's own kernel, as root, and must reach the same verdict as running the
+suite directly.  Every test isolates itself from the user's ~/.ssh and agent.
+Needs root (to run sshd and to log in as root) and /usr/sbin/sshd.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from runner import pipeline, remote, results, ssh
+from runner.errors import ExitCode, RunnerError
+
+REPO = Path(__file__).resolve().parent.parent
+SUITE = REPO / "selftests"
+SLOW_SUITE = Path(__file__).parent / "fixtures" / "ssh" / "slow-suite"
+SSHD = Path("/usr/sbin/sshd")
+SMALL_SELECTION = "map_create and (canonical or e2big or clone)"
+
+if os.geteuid() != 0:
+    pytest.skip("the SSH-target tests start sshd and log in as root: run them as root",
+                allow_module_level=True)
+if not SSHD.exists() or shutil.which("ssh-keygen") is None:
+    pytest.skip("the SSH-target tests need OpenSSH (apt install openssh-server openssh-client)",
+                allow_module_level=True)
+
+
+@dataclass
+class SshServer:
+    """A running sshd and the keys around it."""
+
+    port: int
+    host_key: Path
+    client_key: Path
+    stranger_key: Path
+    other_host_key: Path
+    log: Path
+    process: subprocess.Popen
+
+    def url(self) -> str:
+        return f"ssh://root@127.0.0.1:{self.port}"
+
+    def known_hosts_line(self, key: Path | None = None) -> str:
+        kind, blob = (key or self.host_key).with_suffix(".pub").read_text().split()[:2]
+        return f"[127.0.0.1]:{self.port} {kind} {blob}\n"
+
+    def session_processes(self) -> list[int]:
+        """Every sshd process below the listener: the per-connection monitor and session."""
+        found, frontier = [], [self.process.pid]
+        while frontier:
+            parent = frontier.pop()
+            for entry in Path("/proc").iterdir():
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:
+                    continue
+                fields = stat.rpartition(")")[2].split()
+                if int(fields[1]) == parent:
+                    frontier.append(int(entry.name))
+                    if "sshd" in stat.partition("(")[2].partition(")")[0]:
+                        found.append(int(entry.name))
+        return found
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def keygen(path: Path) -> Path:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f",
+                    str(path)], check=True)
+    return path
+
+
+def fingerprint(public_key: Path) -> str:
+    """The fingerprint as OpenSSH computes it, to compare with the runner's message."""
+    out = subprocess.run(["ssh-keygen", "-lf", str(public_key)], check=True,
+                         capture_output=True, text=True).stdout
+    return out.split()[1]
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory) -> SshServer:
+    directory = tmp_path_factory.mktemp("sshd")
+    host_key = keygen(directory / "host_key")
+    client_key = keygen(directory / "client_key")
+    authorized = directory / "authorized_keys"
+    authorized.write_text(client_key.with_suffix(".pub").read_text())
+    port = free_port()
+    config = directory / "sshd_config"
+    config.write_text("\n".join([
+        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
+        f"AuthorizedKeysFile {authorized}", f"PidFile {directory / 'sshd.pid'}",
+        "UsePAM no", "StrictModes no", "PermitRootLogin prohibit-password",
+        "PasswordAuthentication no", "KbdInteractiveAuthentication no",
+        "Subsystem sftp internal-sftp", "LogLevel VERBOSE", "",
+    ]))
+    # sshd refuses to start without its privilege separation directory.
+    Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+    log = directory / "sshd.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)], stderr=stderr)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"sshd did not start: {log.read_text()}")
+            time.sleep(0.1)
+    server = SshServer(port=port, host_key=host_key, client_key=client_key,
+                       stranger_key=keygen(directory / "stranger_key"),
+                       other_host_key=keygen(directory / "other_host_key"), log=log,
+                       process=process)
+    yield server
+    process.terminate()
+    process.wait(10)
+
+
+@pytest.fixture(autouse=True)
+def no_user_ssh_state(tmp_path, monkeypatch):
+    """Neither the user's keys, known_hosts, config nor agent may make a test pass."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+
+
+@pytest.fixture
+def known_hosts(tmp_path, sshd) -> Path:
+    path = tmp_path / "known_hosts"
+    path.write_text(sshd.known_hosts_line())
+    return path
+
+
+def options(sshd: SshServer, known_hosts: Path, **changes) -> remote.RemoteOptions:
+    values = {"target": sshd.url(), "identity": sshd.client_key, "known_hosts": known_hosts,
+              "ssh_config": None, "use_agent": False, "use_default_keys": False}
+    values.update(changes)
+    return remote.RemoteOptions(**values)
+
+
+def endpoint(sshd: SshServer, identity: Path | None = None) -> ssh.Endpoint:
+    return ssh.resolve(ssh.parse_target(sshd.url()), identity or sshd.client_key, None)
+
+
+def connect(sshd: SshServer, known_hosts: Path, identity: Path | None = None, **kw):
+    return ssh.connect(endpoint(sshd, identity), known_hosts, use_agent=False,
+                       use_default_keys=False, log=lambda _: None, **kw)
+
+
+def direct_run(tmp_path: Path, markers: str, keyword: str | None) -> tuple:
+    """The suite run straight on this machine: the reference verdict."""
+    junit = tmp_path / "direct.xml"
+    command = [sys.executable, "-m", "pytest", str(SUITE), f"--junitxml={junit}", "-p",
+               "no:cacheprovider", "-q", "-m", markers]
+    if keyword:
+        command += ["-k", keyword]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          check=False)
+    tests = results.parse_junit(junit)
+    return results.judge("exited", proc.returncode, tests, []), tests
+
+
+def remote_run(sshd, known_hosts, out: Path, markers="not stress", keyword=None,
+               suite=SUITE, lines: list | None = None, **kw) -> tuple:
+    out.mkdir(exist_ok=True)
+    changes = {k: kw.pop(k) for k in list(kw) if k in remote.RemoteOptions.__dataclass_fields__}
+    outcome = remote.run_on_target(options(sshd, known_hosts, **changes), suite, out,
+                                   markers=markers, keyword=keyword,
+                                   log=(lines.append if lines is not None else lambda _: None),
+                                   **kw)
+    verdict, tests, splats, _ = pipeline.judge_output_dir(out, outcome.status)
+    return outcome, verdict, tests, splats
+
+
+def outcomes(tests) -> dict:
+    return {t.name: t.outcome for t in tests}
+
+
+def leftover_workdirs() -> set:
+    return set(Path("/tmp").glob("sk-storage-selftests-*"))
+
+
+# --- trust and authentication ---------------------------------------------------------------
+
+def test_unknown_host_is_refused_with_its_fingerprint(sshd, tmp_path):
+    known_hosts = tmp_path / "known_hosts"
+    with pytest.raises(ssh.HostKeyUnknown) as caught:
+        connect(sshd, known_hosts)
+    message = caught.value.message
+    assert fingerprint(sshd.host_key.with_suffix(".pub")) in message
+    assert f"[127.0.0.1]:{sshd.port}" in message
+    assert "--accept-new-host-key" in message
+    assert "\n" not in message
+    assert not known_hosts.exists(), "a refused host must not be recorded"
+
+
+def test_accept_new_host_key_records_it_for_openssh_too(sshd, tmp_path):
+    known_hosts = tmp_path / "dir" / "known_hosts"
+    said = []
+    ssh.connect(endpoint(sshd), known_hosts, accept_new=True, use_agent=False,
+                use_default_keys=False, log=said.append).close()
+    assert known_hosts.read_text() == sshd.known_hosts_line()
+    assert fingerprint(sshd.host_key.with_suffix(".pub")) in said[0]
+    # OpenSSH's own lookup finds the recorded key.
+    found = subprocess.run(["ssh-keygen", "-F", f"[127.0.0.1]:{sshd.port}", "-f",
+                            str(known_hosts)], capture_output=True, text=True, check=False)
+    assert found.returncode == 0, found.stdout + found.stderr
+    # From now on the host is simply known.
+    connect(sshd, known_hosts).close()
+
+
+def test_changed_host_key_is_refused_even_when_accepting_new_ones(sshd, tmp_path):
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("# kept as is\n" + sshd.known_hosts_line(sshd.other_host_key))
+    before = known_hosts.read_text()
+    with pytest.raises(ssh.HostKeyChanged) as caught:
+        connect(sshd, known_hosts, accept_new=True)
+    message = caught.value.message
+    assert fingerprint(sshd.host_key.with_suffix(".pub")) in message
+    assert fingerprint(sshd.other_host_key.with_suffix(".pub")) in message
+    assert "ssh-keygen -R" in message
+    assert known_hosts.read_text() == before
+
+
+def test_wrong_client_key_is_an_authentication_failure(sshd, known_hosts):
+    with pytest.raises(ssh.AuthenticationFailed) as caught:
+        connect(sshd, known_hosts, identity=sshd.stranger_key)
+    assert str(sshd.stranger_key) in caught.value.message
+    assert "authorized_keys" in caught.value.message
+
+
+def test_closed_port_is_refused(known_hosts):
+    port = free_port()
+    target = ssh.resolve(ssh.parse_target(f"ssh://root@127.0.0.1:{port}"), None, None)
+    with pytest.raises(ssh.TargetUnreachable) as caught:
+        ssh.connect(target, known_hosts, use_agent=False, use_default_keys=False)
+    assert f"127.0.0.1:{port} refused" in caught.value.message
+
+
+def test_each_connection_failure_is_its_own_infrastructure_error(sshd, tmp_path, known_hosts):
+    changed = tmp_path / "changed"
+    changed.write_text(sshd.known_hosts_line(sshd.other_host_key))
+    attempts = {
+        "wrong host key": lambda: connect(sshd, changed),
+        "wrong client key": lambda: connect(sshd, known_hosts, identity=sshd.stranger_key),
+        "closed port": lambda: ssh.connect(
+            ssh.resolve(ssh.parse_target(f"ssh://root@127.0.0.1:{free_port()}"), None, None),
+            known_hosts, use_agent=False, use_default_keys=False),
+    }
+    kinds, messages = set(), set()
+    for attempt in attempts.values():
+        with pytest.raises(ssh.SshError) as caught:
+            attempt()
+        assert caught.value.exit_code == ExitCode.INFRASTRUCTURE
+        kinds.add(type(caught.value))
+        messages.add(caught.value.message)
+    assert kinds == {ssh.HostKeyChanged, ssh.AuthenticationFailed, ssh.TargetUnreachable}
+    assert len(messages) == 3
+
+
+def test_ssh_config_supplies_host_port_user_and_key(sshd, known_hosts, tmp_path):
+    config = tmp_path / "config"
+    config.write_text(f"Host sut\n  HostName 127.0.0.1\n  Port {sshd.port}\n  User root\n"
+                      f"  IdentityFile {sshd.client_key}\n  IdentitiesOnly yes\n")
+    resolved = ssh.resolve(ssh.parse_target("ssh://sut"), None, config)
+    assert (resolved.host, resolved.port, resolved.user) == ("127.0.0.1", sshd.port, "root")
+    assert resolved.known_hosts_name() == f"[127.0.0.1]:{sshd.port}"
+    client = ssh.connect(resolved, known_hosts, log=lambda _: None)
+    try:
+        _, stdout, _ = client.exec_command("id -u")
+        assert stdout.read().strip() == b"0"
+    finally:
+        client.close()
+
+
+def test_agent_keys_are_offered(sshd, known_hosts, tmp_path, monkeypatch):
+    socket_path = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)],
+                             stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not socket_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        env = dict(os.environ, SSH_AUTH_SOCK=str(socket_path))
+        subprocess.run(["ssh-add", "-q", str(sshd.client_key)], env=env, check=True,
+                       capture_output=True)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(socket_path))
+        no_key = ssh.resolve(ssh.parse_target(sshd.url()), None, None)
+        ssh.connect(no_key, known_hosts, use_agent=True, use_default_keys=False).close()
+    finally:
+        agent.terminate()
+        agent.wait(10)
+
+
+def test_target_url_must_be_ssh():
+    for text in ("root@host", "http://host", "ssh://", "ssh://host/path", "ssh://host:99999"):
+        with pytest.raises(remote.UsageError):
+            ssh.parse_target(text)
+    assert ssh.parse_target("ssh://me@[::1]:2222") == ssh.Target("::1", "me", 2222)
+    assert ssh.parse_target("ssh://me@[::1]:2222").url() == "ssh://me@[::1]:2222"
+
+
+# --- suite runs against this machine's kernel ------------------------------------------------
+
+def test_selection_gets_the_same_verdict_as_a_direct_run(sshd, known_hosts, tmp_path):
+    before = leftover_workdirs()
+    lines: list = []
+    outcome, verdict, tests, splats = remote_run(sshd, known_hosts, tmp_path / "out",
+                                                 keyword=SMALL_SELECTION, lines=lines)
+    reference, direct_tests = direct_run(tmp_path, "not stress", SMALL_SELECTION)
+    assert outcome.status == "exited"
+    assert (verdict.exit_code, verdict.label) == (reference.exit_code, reference.label)
+    assert outcomes(tests) == outcomes(direct_tests) and len(tests) >= 3
+    assert splats == []
+    out = tmp_path / "out"
+    assert (out / "pytest-exitcode").read_text().strip() == str(outcome.exit_status)
+    assert (out / "guest-kernel-release").read_text().strip() == os.uname().release
+    console = (out / "console.log").read_text()
+    assert "### kernel log of the target since the run started" in console
+    # Streamed live: pytest's own lines went through the log callback as they came.
+    assert any("test_canonical_map_reports_its_attributes PASSED" in ln for ln in lines)
+    assert leftover_workdirs() == before, "the temporary directory must be removed"
+
+
+def test_full_suite_gets_the_same_verdict_as_a_direct_run(sshd, known_hosts, tmp_path):
+    _, verdict, tests, _ = remote_run(sshd, known_hosts, tmp_path / "out")
+    reference, direct_tests = direct_run(tmp_path, "not stress", None)
+    assert (verdict.exit_code, verdict.label) == (reference.exit_code, reference.label)
+    assert outcomes(tests) == outcomes(direct_tests) and len(tests) > 100
+
+
+def test_target_without_pytest_gets_the_runners_pytest(sshd, known_hosts, tmp_path):
+    bare = "/usr/bin/python3"
+    has_pytest = subprocess.run([bare, "-c", "import pytest"], capture_output=True,
+                                check=False).returncode == 0
+    if has_pytest:
+        pytest.skip(f"{bare} has pytest here, so nothing would be pushed")
+    lines: list = []
+    outcome, verdict, _, _ = remote_run(sshd, known_hosts, tmp_path / "out",
+                                        keyword=SMALL_SELECTION, target_python=bare,
+                                        lines=lines)
+    assert outcome.facts["pushed"][0].startswith("pytest==")
+    assert {p.split("==")[0].lower() for p in outcome.facts["pushed"]} >= {
+        "pytest", "pluggy", "iniconfig", "packaging"}
+    assert verdict.exit_code == ExitCode.PASS, "\n".join(lines)
+    pushed_version = outcome.facts["pushed"][0].split("==")[1]
+    # pytest's own header, printed on the target, names the interpreter and the pushed pytest.
+    assert any(ln.endswith(f"-- {bare}") and f"pytest-{pushed_version}" in ln for ln in lines)
+
+
+def test_target_without_python3_is_a_clear_error(sshd, known_hosts, tmp_path):
+    with pytest.raises(remote.TargetUnsuitable) as caught:
+        remote_run(sshd, known_hosts, tmp_path / "out", target_python="/nonexistent/python3")
+    assert "has no /nonexistent/python3" in caught.value.message
+    assert "--target-python" in caught.value.message
+    assert caught.value.exit_code == ExitCode.USAGE
+
+
+def test_deadline_stops_pytest_on_the_target_and_reports_a_timeout(sshd, known_hosts,
+                                                                    tmp_path):
+    before = leftover_workdirs()
+    outcome, verdict, _, _ = remote_run(sshd, known_hosts, tmp_path / "out", markers=None,
+                                        suite=SLOW_SUITE, timeout=8)
+    assert outcome.status == "timeout"
+    assert outcome.facts["stopped_by"] == "the host ended the run"
+    assert verdict.exit_code == ExitCode.TIMEOUT
+    assert_none_running("slow-suite")
+    assert leftover_workdirs() == before
+
+
+def assert_none_running(text: str) -> None:
+    """No process (but this one) has text in its command line, within a few seconds."""
+    deadline = time.monotonic() + 10
+    while running_with(text):
+        assert time.monotonic() < deadline, f"still running: {running_with(text)}"
+        time.sleep(0.2)
+
+
+def running_with(text: str) -> list:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
+def run_in_background(sshd, known_hosts, out, **kw) -> tuple:
+    """Start a slow-suite run in a thread; returns (thread, lines, box with its exception)."""
+    lines: list = []
+    box: dict = {}
+
+    def work():
+        try:
+            remote_run(sshd, known_hosts, out, markers=None, suite=SLOW_SUITE, lines=lines,
+                       **kw)
+        except RunnerError as exc:  # handed to the test thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    # pytest -v ends the test's line only when the test ends; collection is the last full line.
+    while not any("collected 1 item" in ln for ln in lines):
+        assert thread.is_alive() and time.monotonic() < deadline, (box, lines)
+        time.sleep(0.1)
+    time.sleep(1.0)
+    return thread, lines, box
+
+
+def workdir_of(lines: list) -> Path:
+    (line,) = [ln for ln in lines if ln.startswith("remote: pushed")]
+    return Path(line.split(" to ", 1)[1])
+
+
+def test_connection_cut_mid_run_keeps_partial_output(sshd, known_hosts, tmp_path):
+    out = tmp_path / "out"
+    thread, lines, box = run_in_background(sshd, known_hosts, out)
+    for pid in sshd.session_processes():
+        os.kill(pid, signal.SIGKILL)
+    thread.join(30)
+    assert isinstance(box.get("error"), ssh.ConnectionDropped), box
+    assert box["error"].exit_code == ExitCode.INFRASTRUCTURE
+    assert "dropped in the middle of the run" in box["error"].message
+    assert "check_slow.py::test_outlives_the_deadline" in (out / "console.log").read_text()
+    # On the target, the driver saw its stdin close and stopped pytest itself.
+    workdir = workdir_of(lines)
+    status = wait_for_status(workdir)
+    assert status["stopped"] == "the host ended the run"
+    assert_none_running(str(workdir))
+    shutil.rmtree(workdir)
+
+
+def test_silent_link_is_detected_as_a_drop(sshd, known_hosts, tmp_path):
+    out = tmp_path / "out"
+    thread, lines, box = run_in_background(sshd, known_hosts, out, liveness_after=2.0,
+                                           liveness_wait=3.0)
+    frozen = sshd.session_processes()
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        thread.join(30)
+        assert isinstance(box.get("error"), ssh.ConnectionDropped), box
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGKILL)
+    workdir = workdir_of(lines)
+    assert wait_for_status(workdir)["stopped"] == "the host ended the run"
+    shutil.rmtree(workdir)
+
+
+def wait_for_status(workdir: Path) -> dict:
+    deadline = time.monotonic() + 30
+    while not (workdir / "status.json").exists():
+        assert time.monotonic() < deadline, f"the driver never finished in {workdir}"
+        time.sleep(0.2)
+    time.sleep(0.2)  # written in one go, but give the close a moment
+    return json.loads((workdir / "status.json").read_text())
