@@ -27,6 +27,7 @@ DEFAULT_KERNELS = "distro:5.10,distro:6.1,distro:6.12,distro:7.2"
 KINDS = ("distro", "build", "image")
 MATRIX_JSON = "matrix.json"
 MATRIX_MD = "matrix.md"
+SUMMARY_MD = "matrix-summary.md"
 RUN_LOG = "runner.log"
 MATRIX_SCHEMA = 1
 NOTE_CHARS = 300
@@ -180,18 +181,28 @@ def _escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def markdown(matrix: dict) -> str:
-    """The kernel table, the test x kernel table, and numbered notes for every non-pass."""
+def _all_passed(test: dict, kernels: list[dict]) -> bool:
+    # A kernel without results is explained once in the kernel table, not on every row.
+    return all(test["results"].get(k["label"], {}).get("outcome") == "passed"
+               for k in kernels if k["has_results"])
+
+
+def markdown(matrix: dict, only_non_passing: bool = False) -> str:
+    """The kernel table, the test x kernel table, and numbered notes for every non-pass.
+
+    only_non_passing keeps the rows where some kernel did not pass (the README's view).
+    """
     kernels = matrix["kernels"]
-    lines = ["| kernel | release | verdict | passed | failed | skipped | accel | guest s |",
-             "|---|---|---|---:|---:|---:|---|---:|"]
+    lines = ["| kernel | release | origin | verdict | passed | failed | skipped | accel | guest s |",
+             "|---|---|---|---|---:|---:|---:|---|---:|"]
     for k in kernels:
         counts = k.get("counts") or {}
         failed = counts.get("failed", 0) + counts.get("error", 0) if counts else ""
         verdict = k["verdict"] + (f": {_escape(_short(k['reason']))}"
                                   if k["verdict"] != "pass" and k.get("reason") else "")
         seconds = f"{k['guest_seconds']:.0f}" if k.get("guest_seconds") is not None else ""
-        lines.append(f"| {k['label']} | {k.get('release') or '?'} | {verdict} | "
+        lines.append(f"| {k['label']} | {k.get('release') or '?'} | {k.get('origin') or ''} | "
+                     f"{verdict} | "
                      f"{counts.get('passed', '')} | {failed} | {counts.get('skipped', '')} | "
                      f"{k.get('accel') or ''} | {seconds} |")
     lines.append("")
@@ -199,7 +210,9 @@ def markdown(matrix: dict) -> str:
     lines.append("| test | " + " | ".join(labels) + " |")
     lines.append("|---|" + "---|" * len(labels))
     notes: dict[str, int] = {}
-    for test in matrix["tests"]:
+    tests = matrix["tests"]
+    shown = [t for t in tests if not (only_non_passing and _all_passed(t, kernels))]
+    for test in shown:
         row = []
         for kernel in kernels:
             result = test["results"].get(kernel["label"])
@@ -213,6 +226,9 @@ def markdown(matrix: dict) -> str:
                 cell += f" [{number}]"
             row.append(cell)
         lines.append(f"| {_escape(test['name'])} | " + " | ".join(row) + " |")
+    if len(shown) < len(tests):
+        lines.append(f"| *{len(tests) - len(shown)} more tests: pass on every kernel* |"
+                     + " |" * len(labels))
     if notes:
         lines.append("")
         lines.extend(f"[{number}] {_escape(note)}  " for note, number in notes.items())
@@ -223,10 +239,11 @@ def markdown(matrix: dict) -> str:
 
 
 def write_matrix(out: Path, matrix: dict) -> tuple[Path, Path]:
-    """matrix.json and matrix.md in the output directory."""
+    """matrix.json, matrix.md (every test) and matrix-summary.md (non-passing rows only)."""
     json_path, md_path = out / MATRIX_JSON, out / MATRIX_MD
     json_path.write_text(json.dumps(matrix, indent=2) + "\n")
     md_path.write_text(markdown(matrix))
+    (out / SUMMARY_MD).write_text(markdown(matrix, only_non_passing=True))
     return json_path, md_path
 
 
@@ -315,7 +332,7 @@ def _finish(out: Path, columns: Sequence[KernelColumn], log: Callable[[str], Non
     matrix = build_matrix(columns)
     json_path, md_path = write_matrix(out, matrix)
     log("")
-    log(markdown(matrix))
-    log(f"matrix: {md_path} and {json_path}")
+    log(markdown(matrix, only_non_passing=True))
+    log(f"matrix: {md_path} (every test), {out / SUMMARY_MD} and {json_path}")
     return int(ExitCode.PASS if all(c.verdict == "pass" for c in columns)
                else ExitCode.TEST_FAILURE)
