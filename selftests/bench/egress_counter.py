@@ -378,6 +378,20 @@ def raise_fd_limit(wanted: int) -> int:
     return target
 
 
+def lift_memlock_limit() -> str:
+    """RLIMIT_MEMLOCK to unlimited: kernels before 5.11 charge maps to it (8192 hash entries
+    overflow the usual 64 KiB and BPF_MAP_CREATE fails with EPERM). The limit in effect."""
+    try:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK,
+                           (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    except (ValueError, OSError):
+        # Without CAP_SYS_RESOURCE only the soft limit moves, up to the hard one.
+        _, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return "unlimited" if soft == resource.RLIM_INFINITY else str(soft)
+
+
 def socket_counts_within(counts: Sequence[int], fd_limit: int) -> tuple[list[int], list[int]]:
     """(counts this fd limit allows, counts dropped) given FD_HEADROOM spare descriptors."""
     kept = [c for c in counts if c + FD_HEADROOM <= fd_limit]
@@ -442,6 +456,7 @@ def run(socket_counts: Sequence[int], packets: int, repeats: int,
     """Measure every (socket count, repeat, variant) and return the JSON-ready result."""
     check_can_run()
     fd_limit = raise_fd_limit(max(socket_counts) + FD_HEADROOM)
+    memlock = lift_memlock_limit()
     counts, dropped = socket_counts_within(socket_counts, fd_limit)
     notes = []
     if dropped:
@@ -479,6 +494,7 @@ def run(socket_counts: Sequence[int], packets: int, repeats: int,
         "stats_mechanism": mechanism,
         "cpu": cpu_description(),
         "fd_limit": fd_limit,
+        "memlock_limit": memlock,
         "config": {"socket_counts": counts, "packets": packets, "repeats": repeats,
                    "burst": burst, "payload_bytes": len(PAYLOAD),
                    "hash_max_entries": HASH_MAX_ENTRIES, "warmup_rounds": 1},
