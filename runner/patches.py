@@ -18,6 +18,7 @@ built; a re-applied file with the same content gets that mtime back.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -454,6 +455,28 @@ class _NotApplied(Exception):
 
 
 @contextlib.contextmanager
+def tree_lock(lock_file: Path, tree: Path, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold an exclusive lock on a source tree: one run at a time patches and builds it.
+
+    Runs in parallel (a bisect, a regression sweep, a user) share the cached
+    default tree; without this, one run would build another's patches or
+    "repair" a live run's journal.  flock dies with its process, so a killed
+    run never leaves the tree locked.
+    """
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"patches: waiting for another run that is building {tree}")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def series_applied(
     source: KernelSource,
     series: Series | None,
@@ -461,7 +484,22 @@ def series_applied(
     force: bool = False,
     log: Callable[[str], None] = print,
 ) -> Iterator[AppliedSeries]:
-    """Apply the series for the duration of the block; the tree is restored whatever happens."""
+    """Apply the series for the duration of the block; the tree is restored whatever happens.
+
+    The tree is locked for the whole block (see tree_lock), also with no
+    series, so a plain build never sees another run's patches.
+    """
+    lock_file = journal_dir.with_name(journal_dir.name + ".lock")
+    with tree_lock(lock_file, source.path, log), \
+            _applied(source, series, journal_dir, force, log) as applied:
+        yield applied
+
+
+@contextlib.contextmanager
+def _applied(
+    source: KernelSource, series: Series | None, journal_dir: Path, force: bool,
+    log: Callable[[str], None],
+) -> Iterator[AppliedSeries]:
     journal = Journal(journal_dir)
     if journal.exists():
         with signals_deferred():

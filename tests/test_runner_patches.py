@@ -457,3 +457,37 @@ def test_unchanged_patched_files_get_their_built_mtime_back(tmp_path):
     # Only a.c still describes what the build directory holds.
     assert patches.reuse_built_mtimes(tree, ["a.c", "b.c"], state) == ["a.c"]
     assert set(__import__("json").loads(state.read_text())) == {"a.c"}
+
+
+WAITER = """
+import sys
+from pathlib import Path
+from runner import patches
+from runner.source import KernelSource
+tree = KernelSource(Path(sys.argv[1]), sys.argv[2] == "git", "t", "6.1")
+with patches.series_applied(tree, None, Path(sys.argv[3]), log=lambda m: print(m, flush=True)):
+    print("got the tree", open(sys.argv[4]).read().count("patched"), flush=True)
+"""
+
+
+def test_a_second_run_waits_for_the_first_and_never_replays_its_live_journal(
+        tree, patch_dir, tmp_path):
+    c_file = "net/core/bpf_sk_storage.c"
+    make_patch(tree.path, {c_file: edited(c_file, "line 7\n", "line 7 patched\n")},
+               patch_dir / "p.patch")
+    before = snapshot(tree.path)
+    holder = start_holder(tree, write_series(patch_dir, "p.patch"), tmp_path / "journal")
+    waiter = subprocess.Popen(
+        [sys.executable, "-c", WAITER, str(tree.path), "git" if tree.is_git else "plain",
+         str(tmp_path / "journal"), str(tree.path / c_file)],
+        stdout=subprocess.PIPE, text=True)
+    assert waiter.stdout.readline().startswith("patches: waiting for another run")
+    time.sleep(1)
+    assert waiter.poll() is None
+    assert "line 7 patched" in (tree.path / c_file).read_text()  # the live run is untouched
+    holder.send_signal(signal.SIGTERM)
+    holder.wait(timeout=30)
+    # The first run restored the tree itself; the second then sees it clean.
+    assert waiter.stdout.readline().strip() == "got the tree 0"
+    assert waiter.wait(timeout=30) == 0
+    assert snapshot(tree.path) == before
