@@ -188,7 +188,9 @@ def _watch(
                 banner_at = now - started
             if panic_at is None and PANIC.search(line):
                 panic_at = now
-            if verbose or not PRINTK_LINE.match(line):
+            # Without --verbose, show what the guest command prints, not the
+            # decompressor chatter before the banner or the kernel's printk lines.
+            if verbose or (banner_at is not None and not PRINTK_LINE.match(line)):
                 echo(line)
         elif index == 1:
             child.close()

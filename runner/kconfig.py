@@ -218,9 +218,3 @@ def _stamp_text(inputs: str, final: Path) -> str:
 def config_needs_modules(config: Mapping[str, str]) -> bool:
     """True when the config builds anything as a module, so `make modules` is needed."""
     return config.get("CONFIG_MODULES") == "y" and any(v == "m" for v in config.values())
-
-
-def optional_value(config: Mapping[str, str], symbol: str) -> str | None:
-    """A symbol's value, or None when the config does not set it."""
-    value = config.get(symbol)
-    return None if value in (None, "n") else value

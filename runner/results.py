@@ -149,7 +149,7 @@ def counts(tests: Sequence[TestResult]) -> dict:
     return result
 
 
-def format_table(tests: Sequence[TestResult], width: int = 100) -> str:
+def format_table(tests: Sequence[TestResult]) -> str:
     """One line per test (outcome, name, time or skip reason/failure message), then totals."""
     if not tests:
         return "(no test results)"
@@ -160,8 +160,8 @@ def format_table(tests: Sequence[TestResult], width: int = 100) -> str:
             note = f"{test.seconds:.2f}s"
         else:
             note = test.message
-        line = f"  {_LABELS.get(test.outcome, test.outcome.upper()):<5} {test.name:<{name_width}}  {note}"
-        lines.append(line[:width * 2])
+        label = _LABELS.get(test.outcome, test.outcome.upper())
+        lines.append(f"  {label:<5} {test.name:<{name_width}}  {note}".rstrip())
     total = counts(tests)
     lines.append(
         f"{total['passed']} passed, {total['failed'] + total['error']} failed, "
