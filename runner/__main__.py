@@ -1,0 +1,7 @@
+"""`python -m runner` is `run-selftests`, for checkouts where the script is not on PATH."""
+
+import sys
+
+from runner.cli import main
+
+sys.exit(main())
