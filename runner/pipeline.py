@@ -145,6 +145,8 @@ def build_from_source(
 
     journal = cache.root / "restore" / hashlib.sha256(str(src.path).encode()).hexdigest()[:16]
     started = time.monotonic()
+    # Which logs belong to this run: a build directory keeps the previous run's.
+    reached = set()
     try:
         with patches.series_applied(src, series, journal, force=options.force,
                                     log=log) as applied:
@@ -163,6 +165,7 @@ def build_from_source(
             timings["patches"] = round(time.monotonic() - started, 2)
 
             started = time.monotonic()
+            reached.add("config")
             config = kconfig.configure(src.path, build_dir.obj, build_dir.config_work,
                                        fragments, build_dir.config_log)
             state = ("regenerated, changed" if config.rewritten else
@@ -174,6 +177,7 @@ def build_from_source(
             values = kconfig.parse_config(config.path.read_text())
             targets = build.build_targets(kconfig.config_needs_modules(values))
             log(f"build: make {' '.join(targets)} -j{options.jobs} in {build_dir.obj}")
+            reached.add("build")
             built = build.build_kernel(src.path, build_dir, options.jobs, targets, cache)
             patches.remember_built_mtimes(src.path, applied.touched,
                                           build_dir.patched_files_state)
@@ -181,9 +185,11 @@ def build_from_source(
             summary["build"] = {"command": built.command, "steps": built.steps,
                                 "targets": targets}
     finally:
-        artifacts.save_copy(build_dir.build_log, out, artifacts.BUILD_LOG)
-        artifacts.save_copy(build_dir.config_log, out, artifacts.CONFIG_LOG)
-        artifacts.save_copy(build_dir.obj / ".config", out, artifacts.KERNEL_CONFIG)
+        if "config" in reached:
+            artifacts.save_copy(build_dir.config_log, out, artifacts.CONFIG_LOG)
+            artifacts.save_copy(build_dir.obj / ".config", out, artifacts.KERNEL_CONFIG)
+        if "build" in reached:
+            artifacts.save_copy(build_dir.build_log, out, artifacts.BUILD_LOG)
         if series is not None:
             artifacts.save_series(out, series.file, summary.get("series", {}).get("entries", []))
     return KernelToBoot(built.image, f"built from {src.origin}",

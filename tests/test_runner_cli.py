@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from runner import cli
-from runner.cache import default_cache_dir
+from runner import build, cli, pipeline
+from runner.cache import Cache, default_cache_dir
 from runner.errors import (
     BuildError,
     ConfigError,
@@ -22,6 +22,7 @@ from runner.errors import (
     PatchError,
     UsageError,
 )
+from runner.patches import load_series
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,6 +90,10 @@ def test_a_patch_that_does_not_apply(work):
         "--- a/net/core/bpf_sk_storage.c\n+++ b/net/core/bpf_sk_storage.c\n"
         "@@ -10,3 +10,3 @@\n line 10\n-line eleven\n+line 11 patched\n line 12\n")
     (work / "series").write_text("0001-stale.patch\n")
+    # A log left in the build directory by an earlier run must not pass for this one's.
+    build_dir = build.build_dir_for(Cache(work / "cache"), tree, load_series(work / "series"),
+                                    list(pipeline.DEFAULT_FRAGMENTS))
+    build_dir.build_log.write_text("an earlier run's build log\n")
     before = tree_state(tree)
     proc = run_selftests("--kernel-src", str(tree), "--series", str(work / "series"),
                          *common(work), cwd=work)
@@ -96,6 +101,8 @@ def test_a_patch_that_does_not_apply(work):
                           "restored")
     assert "Hunk #1 FAILED" in proc.stderr  # the detail lines name the hunk
     assert tree_state(tree) == before
+    assert not (work / "out" / "build.log").exists()
+    assert (work / "out" / "series" / "series").read_text() == "0001-stale.patch\n"
 
 
 def test_a_kernel_image_that_is_not_a_kernel(work):
