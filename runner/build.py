@@ -9,11 +9,13 @@ compiles mostly from cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Sequence
@@ -158,8 +160,11 @@ def build_kernel(
     with open(build_dir.build_log, "w", errors="replace") as log:
         log.write(f"$ {printable}\n")
         log.flush()
+        # Its own process group, so an interrupted run can stop make and every
+        # compiler it started, not just the top make.
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                env=env, text=True, errors="replace", bufsize=1)
+                                env=env, text=True, errors="replace", bufsize=1,
+                                start_new_session=True)
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -173,8 +178,7 @@ def build_kernel(
             returncode = proc.wait()
         finally:
             if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+                _stop_process_group(proc)
     seconds = time.monotonic() - started
     ccache_note = " (ccache)" if ccache else ""
     if returncode != 0:
@@ -193,6 +197,23 @@ def build_kernel(
     if not build_dir.image.exists():
         raise BuildError(f"make succeeded but {build_dir.image} is missing; see the build log")
     return BuildResult(build_dir.image, seconds, steps, printable)
+
+
+def _stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM make's whole group (make cleans up half-written objects), SIGKILL if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=10)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # Compilers of the group may outlive make itself by a moment.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def build_targets(needs_modules: bool) -> list[str]:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from runner import build
 from runner.cache import Cache
+from runner.errors import BuildError, ExitCode, InfrastructureError
 from runner.patches import load_series
 
 
@@ -105,3 +111,90 @@ def test_compiler_errors_come_from_a_real_failing_compile(tmp_path):
     assert not any("***" in line for line in errors)
     assert build.compiler_errors("make: *** [Makefile:2: all] Error 1\n") == [
         "make: *** [Makefile:2: all] Error 1"]
+
+
+# --- running make: a stand-in kernel Makefile, real make, real processes ------------------
+
+
+def stand_in_tree(tmp_path: Path, recipe: str) -> tuple:
+    source = tmp_path / "linux"
+    source.mkdir()
+    (source / "Makefile").write_text("bzImage modules:\n" + "".join(
+        f"\t{line}\n" for line in recipe.strip().splitlines()))
+    cache = Cache(tmp_path / "cache")
+    return source, cache, build.build_dir_for(cache, source, None, [])
+
+
+def test_a_successful_build_returns_the_image_and_keeps_the_log(tmp_path):
+    source, cache, build_dir = stand_in_tree(tmp_path, """
+        @echo "  CC      net/core/bpf_sk_storage.o"
+        @echo "  LD      vmlinux"
+        @mkdir -p $(O)/arch/x86/boot && echo kernel > $(O)/arch/x86/boot/bzImage
+    """)
+    result = build.build_kernel(source, build_dir, 2, ["bzImage"], cache)
+    assert result.image == build_dir.image and result.image.read_text() == "kernel\n"
+    assert result.steps == 2
+    assert "  CC      net/core/bpf_sk_storage.o" in build_dir.build_log.read_text()
+    assert result.command.startswith(f"make -C {source} O={build_dir.obj} -j2")
+
+
+def test_a_failed_build_shows_the_compiler_error_and_exits_5(tmp_path):
+    source, cache, build_dir = stand_in_tree(tmp_path, """
+        @echo "  CC      net/core/bpf_sk_storage.o"
+        @echo "net/core/bpf_sk_storage.c:42:5: error: expected ';' before 'return'" >&2
+        @false
+    """)
+    with pytest.raises(BuildError) as error:
+        build.build_kernel(source, build_dir, 2, ["bzImage"], cache)
+    assert error.value.exit_code == ExitCode.BUILD_FAILURE
+    assert str(build_dir.build_log) in error.value.message
+    assert list(error.value.details) == [
+        "net/core/bpf_sk_storage.c:42:5: error: expected ';' before 'return'"]
+
+
+def test_a_full_disk_is_an_infrastructure_error(tmp_path):
+    source, cache, build_dir = stand_in_tree(tmp_path, """
+        @echo "ld: final link failed: No space left on device" >&2
+        @false
+    """)
+    with pytest.raises(InfrastructureError, match="ran out of disk space"):
+        build.build_kernel(source, build_dir, 2, ["bzImage"], cache)
+
+
+DRIVER = """
+import sys
+from pathlib import Path
+from runner import build
+from runner.cache import Cache
+from runner.interrupts import install_sigterm_handler
+install_sigterm_handler()
+source, cache = Path(sys.argv[1]), Cache(Path(sys.argv[2]))
+build.build_kernel(source, build.build_dir_for(cache, source, None, []), 2, ["bzImage"], cache)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupting_a_build_stops_make_and_every_compiler(tmp_path, sig):
+    pids = tmp_path / "pids"
+    source, cache, _ = stand_in_tree(tmp_path, f"""
+        @sh -c 'echo $$$$ >> {pids}; exec sleep 300' & sh -c 'echo $$$$ >> {pids}; exec sleep 300'
+    """)
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(source), str(cache.root)])
+    deadline = time.monotonic() + 30
+    while (not pids.exists() or len(pids.read_text().split()) < 2) and \
+            time.monotonic() < deadline:
+        time.sleep(0.1)
+    sleepers = [int(p) for p in pids.read_text().split()]
+    assert len(sleepers) == 2 and all(running(pid) for pid in sleepers)
+    driver.send_signal(sig)
+    assert driver.wait(timeout=30) != 0
+    time.sleep(0.5)
+    assert not any(running(pid) for pid in sleepers)
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
