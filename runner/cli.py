@@ -10,6 +10,7 @@ kernel, boot and test options they share with a plain run.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from collections.abc import Sequence
@@ -158,6 +159,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, Interrupted):
         print("run-selftests: interrupted; any applied patches were removed", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
+    except OSError as error:
+        # A full disk or a file the user cannot write is the machine's state,
+        # not a bug: say which file and what to do.  Anything else is a bug.
+        where = f" ({error.filename})" if error.filename else ""
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"run-selftests: error: out of disk space{where}; free space or move the "
+                  "cache with --cache-dir", file=sys.stderr)
+            return int(ExitCode.INFRASTRUCTURE)
+        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            print(f"run-selftests: error: {error.strerror}{where}; fix the permissions or "
+                  "choose other --cache-dir/--output directories", file=sys.stderr)
+            return int(ExitCode.USAGE)
+        raise
 
 
 if __name__ == "__main__":

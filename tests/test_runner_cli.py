@@ -177,6 +177,8 @@ def test_a_fragment_with_an_unknown_symbol_stops_before_the_build(work):
     (InfrastructureError("i"), ExitCode.INFRASTRUCTURE),
     (KeyboardInterrupt(), ExitCode.INTERRUPTED),
     (Interrupted("received signal SIGTERM"), ExitCode.INTERRUPTED),
+    (OSError(28, "No space left on device", "/cache/build/x.o"), ExitCode.INFRASTRUCTURE),
+    (PermissionError(13, "Permission denied", "/cache/build"), ExitCode.USAGE),
 ])
 def test_exceptions_map_to_their_exit_codes(monkeypatch, capsys, error, code):
     def fail(argv):
@@ -184,7 +186,17 @@ def test_exceptions_map_to_their_exit_codes(monkeypatch, capsys, error, code):
 
     monkeypatch.setattr(cli, "dispatch", fail)
     assert cli.main([]) == code
-    assert "Traceback" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_other_os_errors_are_bugs_and_keep_their_traceback(monkeypatch):
+    def fail(argv):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(cli, "dispatch", fail)
+    with pytest.raises(OSError):
+        cli.main([])
 
 
 def test_error_details_follow_the_one_line_message(monkeypatch, capsys):
