@@ -13,6 +13,8 @@ from runner.errors import ExitCode, UsageError
 FIXTURES = Path(__file__).parent / "fixtures" / "runner"
 # QEMU under KVM on this host: the real-mode setup prints, then nothing.
 KVM_HANG = (FIXTURES / "console-kvm-hang.log").read_text()
+# Debian's 6.12 under KVM on this host: KVM gives up at once.
+KVM_INTERNAL_ERROR = (FIXTURES / "console-kvm-internal-error-6.12.log").read_text()
 # The same kernel under TCG a moment later: the banner arrives.
 TCG_START = (FIXTURES / "console-tcg-boot-start.log").read_text()
 # The shape of QEMU's abort when KVM refuses a vCPU MSR (kvm_buf_set_msrs), as
@@ -62,6 +64,12 @@ def test_a_kvm_failure_message_is_broken_at_once():
     verdict, reason = accel.judge_kvm(MSR_ABORT, elapsed=0.5, exited=False)
     assert verdict == "broken"
     assert "failed to set MSR 0x10a" in reason
+
+
+def test_a_real_kvm_internal_error_is_broken_at_once():
+    verdict, reason = accel.judge_kvm(KVM_INTERNAL_ERROR, elapsed=1.0, exited=False)
+    assert verdict == "broken"
+    assert reason == "QEMU reported 'KVM internal error. Suberror: 1' under KVM"
 
 
 def test_qemu_exiting_before_the_banner_is_broken():
