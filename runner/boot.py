@@ -163,6 +163,11 @@ def _spawn(command: Sequence[str], env: dict) -> pexpect.spawn:
         raise InfrastructureError(f"could not start {command[0]}: {exc}") from None
 
 
+def _text(lines: list[str], partial: str | None) -> str:
+    """Complete console lines plus the unfinished tail, as one text to judge."""
+    return "\n".join([*lines, partial or ""])
+
+
 def _watch(
     child: pexpect.spawn, log: TextIO, started: float, deadline: float, stall_timeout: float,
     probe_kvm: bool, echo: Callable[[str], None], verbose: bool,
@@ -196,14 +201,14 @@ def _watch(
             child.close()
             status = child.exitstatus if child.exitstatus is not None else -(child.signalstatus or 0)
             if probe_kvm and banner_at is None:
-                verdict, reason = judge_kvm("\n".join(head) + child.before, now - started, True)
+                _, reason = judge_kvm(_text(head, child.before), now - started, True)
                 return _Attempt("kvm-broken", reason, status, None)
             if panic_at is not None:
                 return _Attempt("panic", "kernel panic", status, banner_at)
             if banner_at is None:
                 # A kernel that is broken hangs or stalls; exiting before the banner
                 # means QEMU or virtme-ng never got the guest going.
-                text = "\n".join(head) + "\n" + (child.before or "")
+                text = _text(head, child.before)
                 host = HOST_SIDE_FAILURE.findall(text)
                 why = host[-1].strip()[:200] if host else f"exit status {status}, no kernel output"
                 raise InfrastructureError(
@@ -216,7 +221,7 @@ def _watch(
                 pending = child.buffer
                 last_output = now
         if probe_kvm and banner_at is None:
-            verdict, reason = judge_kvm("\n".join(head) + child.buffer, now - started, False)
+            verdict, reason = judge_kvm(_text(head, child.buffer), now - started, False)
             if verdict == "broken":
                 return _Attempt("kvm-broken", reason, None, None)
         if panic_at is not None and now - panic_at > PANIC_DRAIN_SECONDS:

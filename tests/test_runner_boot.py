@@ -38,6 +38,9 @@ STANDIN = textwrap.dedent("""\
         sys.exit(1)
     if "--disable-kvm" not in args:
         say("Probing EDD (edd=off to disable)... ok")
+        if mode == "kvm-error":
+            say("KVM internal error. Suberror: 1")
+            say("extra data[0]: 0x0000000000000001")
         time.sleep(300)
     say("[    0.000000] Linux version 6.1.0-standin (gcc 12) #1 SMP")
     say("[    0.100000] printk noise the user does not need to see")
@@ -127,6 +130,16 @@ def test_auto_falls_back_to_tcg_when_kvm_hangs(standin, tmp_path, monkeypatch):
     # Kernel printk lines are logged but not echoed without --verbose.
     assert not any("printk noise" in line for line in lines)
     assert all(not alive(pid) for pid in qemu_pids(tmp_path))
+
+
+def test_a_kvm_error_falls_back_at_once_and_names_the_error(standin, tmp_path, monkeypatch):
+    monkeypatch.setenv("STANDIN_MODE", "kvm-error")
+    started = time.monotonic()
+    outcome, _, _ = run(standin, tmp_path, accel.plan_accel("auto", True, "usable"))
+    assert outcome.accel == "tcg" and outcome.status == "exited"
+    assert outcome.accel_reason == (
+        "auto: fell back to tcg: QEMU reported 'KVM internal error. Suberror: 1' under KVM")
+    assert time.monotonic() - started < accel.KVM_PROBE_SECONDS
 
 
 def test_tcg_boot_reports_the_banner_time(standin, tmp_path):
