@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import shlex
+import shutil
 import signal
 import time
 from collections.abc import Sequence
@@ -291,7 +292,9 @@ def run_shell(kernel: Path, plan: AccelPlan, cpus: int = 2, memory: str = "2G",
     while True:
         command = vng_command(vng, kernel, accel, cpus, memory, [], None)
         echo(f"shell: booting with {accel} ({reason}); exit the shell to stop the guest")
-        child = pexpect.spawn(command[0], command[1:], env=env, timeout=None, echo=False)
+        size = shutil.get_terminal_size()
+        child = pexpect.spawn(command[0], command[1:], env=env, timeout=None, echo=False,
+                              dimensions=(size.lines, size.columns))
         try:
             if accel == "kvm" and plan.fallback:
                 started = time.monotonic()
