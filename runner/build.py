@@ -39,26 +39,32 @@ class BuildDir:
 
     @property
     def obj(self) -> Path:
+        """The O= directory make builds in."""
         return self.root / "obj"
 
     @property
     def config_work(self) -> Path:
+        """Where virtme-configkernel generates a candidate .config, so obj/.config only changes when the result does."""
         return self.root / "config-gen"
 
     @property
     def patched_files_state(self) -> Path:
+        """Content hash and built mtime of each patched file (see patches.reuse_built_mtimes)."""
         return self.root / "patched-files.json"
 
     @property
     def build_log(self) -> Path:
+        """Full make output of the last build in this directory."""
         return self.root / "build.log"
 
     @property
     def config_log(self) -> Path:
+        """Output of the last config generation."""
         return self.root / "config.log"
 
     @property
     def image(self) -> Path:
+        """The bzImage a successful build leaves."""
         return self.obj / BZIMAGE
 
 

@@ -37,30 +37,37 @@ class Cache:
 
     @property
     def sources(self) -> Path:
+        """Unpacked kernel sources (the default Debian tree and its stamp)."""
         return self.root / "sources"
 
     @property
     def downloads(self) -> Path:
+        """Downloaded .deb files."""
         return self.root / "downloads"
 
     @property
     def apt(self) -> Path:
+        """Private apt state per Debian suite."""
         return self.root / "apt"
 
     @property
     def distro_kernels(self) -> Path:
+        """Extracted Debian linux-image packages."""
         return self.root / "distro-kernels"
 
     @property
     def builds(self) -> Path:
+        """Keyed build directories."""
         return self.root / "build"
 
     @property
     def worktrees(self) -> Path:
+        """git worktrees made for --base."""
         return self.root / "worktrees"
 
     @property
     def ccache(self) -> Path:
+        """ccache directory shared by every build directory."""
         return self.root / "ccache"
 
 

@@ -52,6 +52,7 @@ class SeriesEntry:
 
     @property
     def is_commit(self) -> bool:
+        """True when the entry names a commit of the tree rather than a file."""
         return self.path is None
 
 
@@ -218,6 +219,8 @@ class Journal:
         self.index_file = directory / "journal.json"
 
     def exists(self) -> bool:
+
+        """True while a journal is on disk: a run has the series applied (or was killed)."""
         return self.index_file.exists()
 
     def record(self, tree: Path, rel_paths: Sequence[str]) -> None:
@@ -288,6 +291,8 @@ class Journal:
         return changed
 
     def discard(self) -> None:
+
+        """Forget the snapshots once the tree is restored."""
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
@@ -319,6 +324,7 @@ class AppliedSeries:
 
     @property
     def touched(self) -> list[str]:
+        """Every file the applied entries touched, in first-touch order."""
         seen: list[str] = []
         for entry in self.entries:
             seen.extend(f for f in entry.files if f not in seen)
