@@ -144,6 +144,8 @@ def step_arguments(args: argparse.Namespace, tree: Path, out: Path) -> list[str]
         argv.append("--force")
     if args.verbose:
         argv.append("--verbose")
+    if args.debug_kernel:
+        argv.append("--debug-kernel")
     return argv
 
 
@@ -151,7 +153,7 @@ def step_arguments(args: argparse.Namespace, tree: Path, out: Path) -> list[str]
 # against cli.add_run_arguments so a new option cannot be dropped silently.
 PASSED_OPTIONS = {"kernel_src", "output", "jobs", "accel", "cpus", "memory", "timeout",
                   "stall_timeout", "markers", "suite", "series", "config", "keyword",
-                  "cache_dir", "force", "verbose"}
+                  "cache_dir", "force", "verbose", "debug_kernel"}
 
 
 # --- one step -----------------------------------------------------------------------------

@@ -58,6 +58,10 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     kernel.add_argument("--config", type=Path, action="append", default=[], metavar="FRAG",
                         help="extra config fragment (repeatable), merged after "
                              "kconfig/sk-storage.config")
+    kernel.add_argument("--debug-kernel", action="store_true",
+                        help="build with kconfig/debug.config too (KASAN, lockdep, kmemleak; own "
+                             "build directory); after the suite, a kmemleak leak through BPF "
+                             "local storage fails the run")
     kernel.add_argument("-j", "--jobs", type=int, default=pipeline.RunOptions.jobs,
                         metavar="N", help="parallel make jobs (default: %(default)s, the core count)")
     kernel.add_argument("--kernel-image", type=Path, metavar="PATH",
@@ -115,7 +119,7 @@ def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> pipeline
         memory=args.memory, timeout=args.timeout, stall_timeout=args.stall_timeout,
         output=args.output, cache_dir=args.cache_dir, keyword=args.keyword,
         markers=args.markers or None, suite=args.suite, shell=args.shell,
-        verbose=args.verbose, argv=list(argv),
+        verbose=args.verbose, debug_kernel=args.debug_kernel, argv=list(argv),
     )
 
 

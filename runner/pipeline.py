@@ -22,6 +22,7 @@ from runner import (
     artifacts,
     boot,
     build,
+    debug_kernel,
     kconfig,
     patches,
     prebuilt,
@@ -64,6 +65,7 @@ class RunOptions:
     suite: Path = DEFAULT_SUITE
     shell: bool = False
     verbose: bool = False
+    debug_kernel: bool = False
     argv: Sequence[str] = ()
 
 
@@ -87,9 +89,10 @@ def validate(options: RunOptions) -> None:
     prebuilt_kernel = options.kernel_image or options.distro_kernel
     if options.modules and not options.kernel_image:
         raise UsageError("--modules goes with --kernel-image")
-    if prebuilt_kernel and (options.series or options.base or options.config):
-        raise UsageError("--series, --base and --config need a kernel to build; "
-                         "they do not apply to --kernel-image/--distro-kernel")
+    if prebuilt_kernel and (options.series or options.base or options.config
+                            or options.debug_kernel):
+        raise UsageError("--series, --base, --config and --debug-kernel need a kernel to "
+                         "build; they do not apply to --kernel-image/--distro-kernel")
     if options.base and not options.kernel_src:
         raise UsageError("--base REV needs --kernel-src pointing at a git tree")
     for name, value in (("--cpus", options.cpus), ("--jobs", options.jobs)):
@@ -135,7 +138,8 @@ def build_from_source(
     if series_file is not None and options.series is None and not Path(series_file).exists():
         raise UsageError(f"the default series {series_file} is missing from this checkout")
     series = patches.load_series(series_file) if series_file else None
-    fragments = [kconfig.load_fragment(p) for p in (*DEFAULT_FRAGMENTS, *options.config)]
+    fragments = [kconfig.load_fragment(p) for p in (
+        *DEFAULT_FRAGMENTS, *debug_kernel.fragments(options.debug_kernel), *options.config)]
     build_dir = build.build_dir_for(cache, src.path, series, [f.path for f in fragments])
     summary["kernel"].update(source=src.origin, source_path=str(src.path),
                              source_version=src.version, source_revision=src.revision,
@@ -294,6 +298,8 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
 
         command = boot.guest_test_command(sys.executable, Path(options.suite).resolve(), out,
                                           options.markers, options.keyword)
+        if options.debug_kernel:
+            command = debug_kernel.prepare_guest(command, sys.executable, out)
         outcome = boot.run_guest(
             kernel.image, out, command, plan, out / artifacts.CONSOLE_LOG, cpus=options.cpus,
             memory=options.memory, timeout=options.timeout, stall_timeout=options.stall_timeout,
@@ -310,6 +316,8 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
             f"{outcome.seconds:.0f} s")
 
         verdict, tests, splats, pytest_exit = judge_output_dir(out, outcome.status)
+        if options.debug_kernel:
+            verdict = debug_kernel.judge(out, verdict, summary, log)
         summary["kernel"]["release"] = kernel_release(out, kernel.release)
         summary["pytest_exit"] = pytest_exit
         summary["tests"] = [t.__dict__ for t in tests or []]
