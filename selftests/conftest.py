@@ -8,6 +8,7 @@ the previous check, quoting the report.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 from collections.abc import Iterator
 
@@ -31,6 +32,26 @@ def suite_unavailable_reason() -> str | None:
     except syscall.BpfError as err:
         return f"bpf(2) is refused here ({err.command}: {err.errno_name}); check lockdown/LSM"
     return None
+
+
+def lift_memlock_limit() -> None:
+    """Kernels before 5.11 charge every BPF map to RLIMIT_MEMLOCK (64 KiB in a guest).
+
+    Maps are freed in deferred work, so without this the charge of earlier
+    tests lingers and map creation fails with EPERM in whichever test comes
+    next; root may raise the limit, as libbpf-based tools do.
+    """
+    try:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK,
+                           (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    except (ValueError, OSError):
+        pass  # not root: the suite skips anyway
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Lift the memlock limit before any map is created."""
+    if os.geteuid() == 0:
+        lift_memlock_limit()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
