@@ -569,6 +569,8 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"series file {args.series} does not exist; check --series")
     good, bad = check_tree(tree, args.good, args.bad)
     out = Path(args.output).expanduser().absolute() if args.output else default_output()
+    if (out / STEPS_DIR).is_dir() and any((out / STEPS_DIR).iterdir()):
+        raise UsageError(f"{out} already holds the steps of a bisect; pass another --output")
     cache = open_cache(args.cache_dir)
     command = step_command(step_arguments(args, tree, out))
     result = drive(tree, good, bad, command, out, journal_dir_for(cache.root, tree))

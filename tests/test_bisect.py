@@ -389,3 +389,20 @@ def test_parses_what_git_bisect_run_prints():
             "\nWe cannot bisect more!\n")
     assert bisect.parse_bisect_output(text) == ("inconclusive", None, ["b" * 40, "c" * 40])
     assert bisect.parse_bisect_output("bisect run failed: exit code 255")[0] == "aborted"
+
+
+def test_the_subcommand_refuses_an_output_directory_holding_another_bisect(tmp_path,
+                                                                         monkeypatch):
+    tree = tmp_path / "tree"
+    make_repo(tree, ["pass", "fail"])
+    for name in ("Makefile", "Kconfig"):
+        (tree / name).write_text("")
+    out = tmp_path / "out"
+    (out / bisect.STEPS_DIR / "01-abc").mkdir(parents=True)
+    parser = argparse.ArgumentParser()
+    bisect.add_arguments(parser)
+    args = parser.parse_args(["--kernel-src", str(tree), "--good", "HEAD~1", "--bad", "HEAD",
+                              "--output", str(out), "--cache-dir", str(tmp_path / "cache")])
+    with pytest.raises(UsageError, match="already holds the steps of a bisect"):
+        bisect.main(args)
+    assert_restored(tree)
