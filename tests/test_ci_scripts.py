@@ -332,6 +332,14 @@ def test_ci_bisect_stops_git_instead_of_blaming_on_bad_usage(tmp_path):
     assert usage.returncode == 255
 
 
+def test_ci_bisect_passes_the_steps_verdict_through(tmp_path):
+    # --help is a step that ends with 0: the exit status must reach git unchanged.
+    proc = subprocess.run([sys.executable, str(CI / "bisect"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "--runs N" in proc.stdout
+
+
 # --- the workflows ---------------------------------------------------------------------------------------
 
 
