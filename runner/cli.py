@@ -25,6 +25,7 @@ from runner.prebuilt import DISTRO_SUITES
 # name -> module providing add_arguments(parser) and main(args) -> int.
 SUBCOMMANDS = {
     "parse": "runner.reparse",
+    "regressions": "runner.regressions",
 }
 
 EPILOG = f"""\
@@ -37,6 +38,8 @@ defaults:
 
 subcommands:
   run-selftests parse OUTPUT_DIR   re-judge a saved run from its files
+  run-selftests regressions        build each kernel_patches/regressions patch, run the
+                                   suite, table which bugs the suite caught
 
 exit codes:
 {exit_code_table()}

@@ -379,11 +379,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    # Until `regressions` is registered in runner.cli.SUBCOMMANDS:
-    #   python -m runner.regressions [options]
+    # python -m runner.regressions [options] == run-selftests regressions [options]
     import sys
 
     from runner import cli as _cli
 
-    _cli.SUBCOMMANDS.setdefault("regressions", "runner.regressions")
     sys.exit(_cli.main(["regressions", *sys.argv[1:]]))
