@@ -3,7 +3,10 @@
 Nothing is installed system-wide: distro kernels are extracted with
 `dpkg-deb -x` into the cache, and a small staging directory presents image
 and modules in the layout virtme-ng expects (<root>/boot/vmlinuz-R next to
-<root>/lib/modules/R), so it finds and loads the modules by itself.
+<root>/lib/modules/R), so it finds and loads the modules by itself.  An
+extracted Debian tree already has such a layout: boot/vmlinuz-R beside
+(usr/)lib/modules/R up to 6.12, usr/lib/modules/R/vmlinuz from sid's split
+7.x packages on.
 """
 
 from __future__ import annotations
@@ -122,6 +125,52 @@ def distro_package_name(depends: str, version: str) -> str | None:
     return None
 
 
+def split_packages(image_package: str, depends: str) -> list[tuple[str, str | None]]:
+    """The same-release packages an (empty) linux-image package depends on, with their `=` version.
+
+    From sid's 7.x on, linux-image-R holds neither image nor modules: it depends on
+    linux-binary-R (usr/lib/modules/R/vmlinuz), linux-modules-R and linux-base-R
+    (modules.builtin and friends, which depmod reads).  Alternatives like
+    `dracut | initramfs-tools` belong to the installed system, not to the kernel.
+    """
+    release = image_package.removeprefix("linux-image-")
+    found: list[tuple[str, str | None]] = []
+    for group in depends.split(","):
+        for alternative in group.split("|"):
+            words = alternative.strip().split(" ", 1)
+            name = words[0]
+            if (name == image_package or not name.startswith("linux-")
+                    or not name.endswith(f"-{release}")):
+                continue
+            version = None
+            if len(words) > 1 and words[1].strip().startswith("(="):
+                version = words[1].strip()[2:].rstrip(")").strip()
+            if name not in (n for n, _ in found):
+                found.append((name, version))
+    return found
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """Where an extracted kernel package tree keeps its image and modules."""
+
+    image: Path
+    release: str
+    modules_dir: Path | None
+
+
+def find_kernel_layout(root: Path) -> KernelLayout | None:
+    """The kernel in an extracted tree: boot/vmlinuz-R, else (usr/)lib/modules/R/vmlinuz."""
+    candidates = [(image, image.name[len("vmlinuz-"):])
+                  for image in sorted((root / "boot").glob("vmlinuz-*"))]
+    for base in (root / "usr" / "lib" / "modules", root / "lib" / "modules"):
+        candidates += [(image, image.parent.name) for image in sorted(base.glob("*/vmlinuz"))]
+    for image, release in candidates:
+        if image.is_file() and release:
+            return KernelLayout(image, release, _modules_dir(root, release))
+    return None
+
+
 def fetch_distro_kernel(
     version: str, cache: Cache, log: Callable[[str], None] = print
 ) -> PrebuiltKernel:
@@ -142,18 +191,17 @@ def fetch_distro_kernel(
         )
     pkg_version = debian_archive.package_field(cache, channel, package, "Version")
     target = cache.distro_kernels / f"{package}_{pkg_version}"
-    if not (target / ".complete").exists():
+    layout = find_kernel_layout(target) if (target / ".complete").exists() else None
+    if layout is None:
+        # Also redoes a tree an older runner marked complete without a kernel in it.
         log(f"distro kernel: fetching {package} {pkg_version} from Debian {suite}")
-        deb = debian_archive.download(cache, channel, package, cache.downloads)
-        _extract_kernel_deb(deb, target)
-        deb.unlink()
-    images = sorted((target / "boot").glob("vmlinuz-*"))
-    if not images:
-        raise InfrastructureError(f"{package} has no boot/vmlinuz-*; remove {target} and retry")
-    image = images[0]
-    release = image.name[len("vmlinuz-"):]
-    modules_dir = _modules_dir(target, release)
-    return PrebuiltKernel(image, modules_dir, release,
+        _fetch_and_extract(package, cache, channel, target, log)
+        layout = find_kernel_layout(target)
+        if layout is None:
+            raise InfrastructureError(
+                f"{package} has no boot/vmlinuz-* or usr/lib/modules/*/vmlinuz; remove "
+                f"{target} and retry")
+    return PrebuiltKernel(layout.image, layout.modules_dir, layout.release,
                           f"Debian {suite} {package} {pkg_version}")
 
 
@@ -164,24 +212,48 @@ def _modules_dir(root: Path, release: str) -> Path | None:
     return None
 
 
-def _extract_kernel_deb(deb: Path, target: Path) -> None:
-    """dpkg-deb -x into a temp dir, generate modules.dep, then move into place atomically."""
+def _fetch_and_extract(package: str, cache: Cache, channel: debian_archive.AptChannel,
+                       target: Path, log: Callable[[str], None]) -> None:
+    """Download and dpkg-deb -x the image package (and, when split, its parts) into a temp
+    dir, generate modules.dep, then move the tree into place atomically."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    debs: list[Path] = []
     with tempfile.TemporaryDirectory(prefix=".extract-", dir=target.parent) as tmp:
         root = Path(tmp) / "root"
-        proc = subprocess.run(["dpkg-deb", "-x", str(deb), str(root)],
-                              stderr=subprocess.PIPE, text=True, check=False)
-        if proc.returncode != 0:
-            raise InfrastructureError(f"dpkg-deb -x {deb.name} failed: {proc.stderr.strip()[-200:]}")
-        for image in (root / "boot").glob("vmlinuz-*"):
-            release = image.name[len("vmlinuz-"):]
-            moddir = _modules_dir(root, release)
-            if moddir is not None:
-                _depmod(moddir, release)
-        (root / ".complete").write_text(deb.name + "\n")
+        debs.append(debian_archive.download(cache, channel, package, cache.downloads))
+        _dpkg_extract(debs[-1], root)
+        if not list((root / "boot").glob("vmlinuz-*")):
+            depends = debian_archive.package_field(cache, channel, package, "Depends") or ""
+            parts = split_packages(package, depends)
+            if not parts:
+                raise InfrastructureError(
+                    f"{package} has no boot/vmlinuz-* and depends on no package of its "
+                    f"release (Depends: {depends or 'nothing'})")
+            log(f"distro kernel: {package} is split; fetching {', '.join(n for n, _ in parts)}")
+            for name, wanted in parts:
+                have = debian_archive.package_field(cache, channel, name, "Version")
+                if wanted is not None and have != wanted:
+                    raise InfrastructureError(
+                        f"{package} needs {name} {wanted}, but Debian {channel.name}'s index "
+                        f"has {have or 'none'} (a mirror mid-update?); retry later")
+                debs.append(debian_archive.download(cache, channel, name, cache.downloads))
+                _dpkg_extract(debs[-1], root)
+        layout = find_kernel_layout(root)
+        if layout is not None and layout.modules_dir is not None:
+            _depmod(layout.modules_dir, layout.release)
+        (root / ".complete").write_text("".join(f"{deb.name}\n" for deb in debs))
         if target.exists():
             shutil.rmtree(target)
         os.rename(root, target)
+    for deb in debs:
+        deb.unlink(missing_ok=True)
+
+
+def _dpkg_extract(deb: Path, root: Path) -> None:
+    proc = subprocess.run(["dpkg-deb", "-x", str(deb), str(root)],
+                          stderr=subprocess.PIPE, text=True, check=False)
+    if proc.returncode != 0:
+        raise InfrastructureError(f"dpkg-deb -x {deb.name} failed: {proc.stderr.strip()[-200:]}")
 
 
 def _depmod(moddir: Path, release: str) -> None:
