@@ -182,11 +182,16 @@ def live_guest(cache: Cache, log: Callable[[str], None] = print) -> KeptGuest | 
     return None
 
 
-def credentials_for(target: ssh.Target, cache: Cache) -> KeptGuest | None:
-    """The kept guest when --target names it, so its key and known_hosts apply by default."""
-    guest = load(cache)
-    if guest is None or target.port != guest.port \
-            or target.host not in (GUEST_HOST, "localhost") or not alive(guest):
+def credentials_for(target: ssh.Target, cache: Cache,
+                    log: Callable[[str], None] = print) -> KeptGuest | None:
+    """The kept guest when --target names it, so its key and known_hosts apply by default.
+
+    A record whose QEMU is gone is removed here (and said so), so a run to a
+    guest that died reads as what it is before the connection is refused.
+    """
+    guest = live_guest(cache, log)
+    if guest is None or target.port != guest.port or target.host not in (GUEST_HOST,
+                                                                          "localhost"):
         return None
     return guest
 
@@ -280,8 +285,10 @@ def _spawn_logged(command: list[str], env: dict, cwd: Path, console: Path) -> su
     read_end, write_end = os.pipe()
     try:
         with open(console, "ab") as log_file:
+            # No inherited stderr: whoever reads this process's output (a pipe, CI)
+            # would otherwise wait for the guest to stop.
             logger = subprocess.Popen(["cat"], stdin=read_end, stdout=log_file,
-                                      start_new_session=True)
+                                      stderr=subprocess.DEVNULL, start_new_session=True)
         # Its own session: the guest outlives this process and --stop ends the group.
         process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=write_end,
                                    stderr=subprocess.STDOUT, env=env, cwd=cwd,

@@ -20,7 +20,6 @@ import select
 import shlex
 import socket
 import stat
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -60,12 +59,14 @@ facts = {"uid": os.geteuid(), "python": sys.executable,
              "python_full_version": platform.python_version(),
              "python_version": ".".join(platform.python_version_tuple()[:2]),
              "sys_platform": sys.platform}}
+# Where pytest is, not its version: importing it or reading all distribution
+# metadata costs tens of seconds on a slow target (a TCG guest reading over 9p).
+# pytest names its version in the run's own header.
 facts["pytest"] = None
 try:
-    # Its version without importing it: an import costs seconds on a slow target.
-    import importlib.metadata, importlib.util
-    if importlib.util.find_spec("pytest") is not None:
-        facts["pytest"] = importlib.metadata.version("pytest")
+    import importlib.util
+    spec = importlib.util.find_spec("pytest")
+    facts["pytest"] = spec.origin if spec is not None else None
 except Exception:
     pass
 facts["sudo"] = None
@@ -94,7 +95,7 @@ class RemoteOptions:
     identity: Path | None = None
     known_hosts: Path | None = None
     accept_new_host_key: bool = False
-    target_python: str | None = None  # None: python3, or the runner's own for the kept guest
+    target_python: str = "python3"
     ssh_config: Path | None = ssh.DEFAULT_SSH_CONFIG
     use_agent: bool = True
     use_default_keys: bool = True
@@ -140,10 +141,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--accept-new-host-key", action="store_true",
                        help="trust a host seen for the first time and record its key; a "
                             "changed key is refused regardless")
-    group.add_argument("--target-python", metavar="CMD",
-                       help="Python on the target (default: python3; for the --keep guest, "
-                            "the runner's own, which it shares); pytest is pushed along when "
-                            "it has none")
+    group.add_argument("--target-python", default="python3", metavar="CMD",
+                       help="Python on the target (default: %(default)s); pytest is pushed "
+                            "along when it has none")
 
 
 def options_from_args(args: argparse.Namespace) -> RemoteOptions | None:
@@ -161,20 +161,16 @@ def options_from_args(args: argparse.Namespace) -> RemoteOptions | None:
 
 def with_kept_guest_defaults(options: RemoteOptions, cache: Cache | None,
                              log: Callable[[str], None]) -> RemoteOptions:
-    """Fill in the key, known_hosts and Python of the --keep guest when --target names it."""
+    """Fill in the key and known_hosts of the --keep guest when --target names it."""
     if cache is None:
         return options
-    guest = keep.credentials_for(ssh.parse_target(options.target), cache)
+    guest = keep.credentials_for(ssh.parse_target(options.target), cache, log)
     if guest is None:
         return options
     log(f"remote: {options.target} is the kept guest; using its key {guest.identity} and "
         f"host keys {guest.known_hosts}")
-    # The guest shares this machine's filesystem: the runner's own interpreter
-    # and pytest are there, exactly as in a VM run.
-    return dataclasses.replace(
-        options, identity=options.identity or Path(guest.identity),
-        known_hosts=options.known_hosts or Path(guest.known_hosts),
-        target_python=options.target_python or sys.executable)
+    return dataclasses.replace(options, identity=options.identity or Path(guest.identity),
+                               known_hosts=options.known_hosts or Path(guest.known_hosts))
 
 
 def pytest_arguments(suite_name: str, workdir: str, markers: str | None,
@@ -384,13 +380,14 @@ def run_on_target(options: RemoteOptions, suite: Path, out: Path, markers: str |
         server_key = client.get_transport().get_remote_server_key()
         facts_out["host_key"] = ssh.key_description(server_key)
         log(f"remote: connected to {endpoint.describe()} ({facts_out['host_key']})")
-        facts = probe(client, options.target_python or "python3")
+        facts = probe(client, options.target_python)
         dists = [] if facts.pytest else remote_bundle.pytest_closure(facts.environment)
         bundle = remote_bundle.build_bundle(suite, dists)
         facts_out.update(
             python=facts.python, python_version=".".join(map(str, facts.version)),
             release=facts.release, sudo=facts.uid != 0, workdir=facts.workdir,
-            pytest=facts.pytest or f"{dists[0].version} (pushed)",
+            pytest=f"the target's ({facts.pytest})" if facts.pytest
+            else f"{dists[0].version} (pushed)",
             pushed=[f"{d.metadata['Name']}=={d.version}" for d in dists],
         )
         pushed = f", pushing {', '.join(facts_out['pushed'])}" if dists else ""

@@ -1,7 +1,9 @@
 """What a remote run pushes: the suite, and the runner's own pure-Python pytest when the target lacks one.
 
 The bundle is one tar.gz, so a slow link pays one SFTP transfer instead of a
-round trip per file.  pytest's dependencies are worked out for the target's
+round trip per file.  The pushed packages travel inside it as one zip that
+Python imports from directly (zipimport): unpacking hundreds of files costs
+more than the whole transfer on a slow target, such as a TCG guest.  pytest's dependencies are worked out for the target's
 Python, not the runner's (exceptiongroup and tomli are needed below 3.11 only),
 from the distributions installed beside the runner; a dependency the runner's
 environment lacks, a Requires-Python the target does not meet, or compiled code
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import zipfile
 from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -23,7 +26,7 @@ from packaging.utils import canonicalize_name
 
 from runner.errors import UsageError
 
-SITE_DIR = "site-packages"  # runner.remote_driver.SITE_DIR: where the driver puts PYTHONPATH
+SITE_ZIP = "site-packages.zip"  # runner.remote_driver.SITE_ZIP: what the driver puts on PYTHONPATH
 SKIPPED_DIRS = {"__pycache__", ".pytest_cache"}
 COMPILED_SUFFIXES = (".so", ".pyd", ".dylib")
 INSTALL_HINT = "install pytest on the target (python3 -m pip install pytest, or apt install " \
@@ -91,8 +94,18 @@ def suite_files(suite: Path) -> Iterator[tuple[Path, str]]:
             yield path, relative.as_posix()
 
 
+def site_zip(dists: list[metadata.Distribution]) -> bytes:
+    """The distributions' files as an importable zip (packages and their .dist-info)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for dist in dists:
+            for path, relative in distribution_files(dist):
+                archive.write(path, relative)
+    return buffer.getvalue()
+
+
 def build_bundle(suite: Path, dists: list[metadata.Distribution]) -> bytes:
-    """The tar.gz the driver unpacks: SUITE_NAME/... and, with dists, site-packages/..."""
+    """The tar.gz the driver unpacks: SUITE_NAME/... and, with dists, site-packages.zip."""
     suite = Path(suite)
     buffer = io.BytesIO()
     # dereference: a symlinked test file travels as the file (the driver refuses links).
@@ -100,10 +113,11 @@ def build_bundle(suite: Path, dists: list[metadata.Distribution]) -> bytes:
         for path, relative in suite_files(suite):
             archive.add(str(path), arcname=f"{suite.name}/{relative}", recursive=False,
                         filter=_plain)
-        for dist in dists:
-            for path, relative in distribution_files(dist):
-                archive.add(str(path), arcname=f"{SITE_DIR}/{relative}", recursive=False,
-                            filter=_plain)
+        if dists:
+            data = site_zip(dists)
+            info = _plain(tarfile.TarInfo(SITE_ZIP))
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
 
 

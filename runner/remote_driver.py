@@ -32,7 +32,7 @@ import traceback
 BUNDLE = "bundle.tar.gz"
 STATUS = "status.json"
 KERNEL_LOG = "kernel.log"
-SITE_DIR = "site-packages"
+SITE_ZIP = "site-packages.zip"
 # What the host pulls back; everything else in the work directory is removed here.
 RESULT_FILES = ("junit.xml", STATUS, KERNEL_LOG)
 
@@ -200,7 +200,7 @@ def main(argv: list | None = None) -> int:
             kernel_log.mark(f"sk-storage-selftests: run {args.marker} starts")
         except OSError as error:
             status["kernel_log_error"] = f"/dev/kmsg: {error.strerror}"
-        pythonpath = os.path.join(workdir, SITE_DIR) if args.pushed_pytest else None
+        pythonpath = os.path.join(workdir, SITE_ZIP) if args.pushed_pytest else None
         sys.stdout.flush()
         exit_status, status["stopped"] = run_pytest(workdir, pytest_args, pythonpath, deadline)
         status["pytest_exit"] = exit_status

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import pipeline, remote, results, ssh
+from runner import cli, pipeline, remote, results, ssh
 from runner.errors import ExitCode, RunnerError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -482,3 +482,54 @@ def wait_for_status(workdir: Path) -> dict:
         time.sleep(0.2)
     time.sleep(0.2)  # written in one go, but give the close a moment
     return json.loads((workdir / "status.json").read_text())
+
+
+# --- the command line ------------------------------------------------------------------------
+
+WIRED = "--target" in cli.build_parser().format_help()
+NOT_WIRED = "run-selftests has no --target yet (runner/cli.py wiring pending)"
+
+
+def run_selftests(*args: str, home: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
+    env["HOME"] = str(home)
+    return subprocess.run([sys.executable, "-m", "runner.cli", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
+@pytest.mark.skipif(not WIRED, reason=NOT_WIRED)
+def test_command_line_target_run_reports_like_a_vm_run(sshd, known_hosts, tmp_path):
+    out = tmp_path / "out"
+    proc = run_selftests("--target", sshd.url(), "--identity", str(sshd.client_key),
+                         "--known-hosts", str(known_hosts), "-k", SMALL_SELECTION,
+                         "--output", str(out), home=tmp_path / "home")
+    assert proc.returncode == ExitCode.PASS, proc.stdout + proc.stderr
+    assert "VERDICT: PASS - 3 test(s), none failed (exit 0)" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["verdict"], summary["exit_code"]) == ("pass", 0)
+    assert summary["counts"]["passed"] == 3
+    assert summary["target"]["release"] == summary["kernel"]["release"] == os.uname().release
+    assert summary["boot"]["status"] == "exited"
+
+
+@pytest.mark.skipif(not WIRED, reason=NOT_WIRED)
+def test_command_line_connection_failures_are_one_line_errors(sshd, tmp_path):
+    out = tmp_path / "out"
+    proc = run_selftests("--target", sshd.url(), "--identity", str(sshd.client_key),
+                         "--known-hosts", str(tmp_path / "empty"), "--output", str(out),
+                         home=tmp_path / "home")
+    assert proc.returncode == ExitCode.INFRASTRUCTURE, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("run-selftests")]
+    assert len(errors) == 1, proc.stderr
+    assert fingerprint(sshd.host_key.with_suffix(".pub")) in errors[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["verdict"], summary["exit_code"]) == ("error", ExitCode.INFRASTRUCTURE)
+
+
+@pytest.mark.skipif(not WIRED, reason=NOT_WIRED)
+def test_command_line_refuses_kernel_options_with_a_target(sshd, tmp_path):
+    proc = run_selftests("--target", sshd.url(), "--kernel-image", "/nonexistent",
+                         home=tmp_path / "home")
+    assert proc.returncode == ExitCode.USAGE, proc.stdout + proc.stderr
+    assert "--kernel-image" in proc.stderr and "Traceback" not in proc.stderr

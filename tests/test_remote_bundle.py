@@ -12,6 +12,7 @@ import platform
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -71,14 +72,22 @@ def test_bundle_holds_the_suite_and_the_pushed_packages_as_plain_files():
     suite = Path(__file__).resolve().parent.parent / "selftests"
     with tarfile.open(fileobj=io.BytesIO(remote_bundle.build_bundle(suite, dists))) as archive:
         members = archive.getmembers()
+        site = zipfile.ZipFile(archive.extractfile(remote_bundle.SITE_ZIP))
     paths = {m.name for m in members}
     assert {"selftests/conftest.py", "selftests/pytest.ini", "selftests/bpfkit/splats.py",
-            "site-packages/pytest/__init__.py", "site-packages/_pytest/main.py",
-            "site-packages/pluggy/__init__.py"} <= paths
-    assert any(p.startswith("site-packages/pytest-") and p.endswith(".dist-info/METADATA")
-               for p in paths)
-    assert not [p for p in paths if "__pycache__" in p or p.endswith(".pyc")]
+            remote_bundle.SITE_ZIP} <= paths
     assert all(m.isfile() and m.uid == 0 for m in members)
+    packaged = set(site.namelist())
+    assert {"pytest/__init__.py", "_pytest/main.py", "pluggy/__init__.py"} <= packaged
+    assert any(p.startswith("pytest-") and p.endswith(".dist-info/METADATA") for p in packaged)
+    for names in (paths, packaged):
+        assert not [p for p in names if "__pycache__" in p or p.endswith(".pyc")]
+
+
+def test_bundle_without_packages_is_the_suite_alone():
+    with tarfile.open(fileobj=io.BytesIO(remote_bundle.build_bundle(GUEST_SUITE, []))) as archive:
+        assert sorted(archive.getnames()) == ["guest-suite/check_guest.py",
+                                              "guest-suite/pytest.ini"]
 
 
 def test_driver_refuses_members_outside_its_directory(tmp_path):

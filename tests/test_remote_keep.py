@@ -84,6 +84,17 @@ def test_a_record_whose_qemu_is_gone_is_cleaned(cache, fake_qemu):
     assert not (keep.guest_dir(cache) / keep.KNOWN_HOSTS).exists()
 
 
+def test_a_run_to_a_dead_guest_says_so_and_cleans_its_record(cache, fake_qemu):
+    record(cache, fake_qemu.pid)
+    fake_qemu.kill()
+    fake_qemu.wait()
+    said = []
+    target = ssh.parse_target("ssh://root@127.0.0.1:40000")
+    assert keep.credentials_for(target, cache, said.append) is None
+    assert "is gone" in said[0]
+    assert keep.load(cache) is None
+
+
 def test_a_reused_pid_is_never_signalled(cache, tmp_path):
     # The recorded pid now belongs to something else: same pid, not QEMU.
     bystander = subprocess.Popen([shutil.which("sleep"), "600"], start_new_session=True)
@@ -164,7 +175,7 @@ def test_kept_guest_serves_two_runs_without_booting_again_then_stops(cache, tmp_
             verdict, tests, _, _ = pipeline.judge_output_dir(out, outcome.status)
             assert verdict.exit_code == ExitCode.PASS, (out / "console.log").read_text()
             assert len(tests) == 2
-            assert outcome.facts["pushed"] == []  # the runner's own pytest, shared
+            assert outcome.facts["python"].startswith("/")
             assert (out / "guest-kernel-release").read_text().strip() != os.uname().release
             assert keep.live_guest(cache).qemu_pid == qemu, "a run must not reboot the guest"
     finally:
