@@ -7,11 +7,13 @@ rebuilt offline and tested without a kernel.  The rule:
   counts only through a test: the guest's kernel-log guard fails the test
   during which it appeared.
 * If pytest never finished (guest oopsed, panicked, hung, timed out: no
-  JUnit), the console decides: a kernel report printed while a test was
-  running (pytest -v prints the node id before the test runs) attributes the
-  crash to that test and counts as caught = "yes (crash)"; `crash_in_expected`
-  says whether that test is one the manifest expects.  A death with no report
-  inside a test is caught = "no (silent death)".
+  JUnit), the console decides.  pytest -v prints each node id before the
+  test runs and its result after it: an expected test with a FAILED/ERROR
+  line there is caught = "yes" (the hang came after it).  Otherwise a kernel
+  report printed while a test was running attributes the crash to that test
+  and counts as caught = "yes (crash)"; `crash_in_expected` says whether that
+  test is one the manifest expects.  A death with neither is caught =
+  "no (silent death)".
 * Failures of other tests only, or a splat no test was charged with, are
   caught = "no", with the observation shown.
 * A run that never reached the guest (patch or build failure) is "error".
@@ -83,24 +85,47 @@ _SESSION_END = re.compile(
 )
 
 
-def running_test(lines: Sequence[str], upto: int) -> str | None:
-    """The pytest -v node id started but not finished at line `upto` (0-based), if any.
+@dataclass
+class ConsoleProgress:
+    """What pytest -v printed on the console: finished tests with their result, the running one."""
+
+    results: list[tuple[str, str]] = field(default_factory=list)
+    running: str | None = None
+    finished: bool = False
+
+    def failing(self) -> list[str]:
+        return [node for node, result in self.results if result in ("FAILED", "ERROR")]
+
+
+def console_progress(lines: Sequence[str], upto: int | None = None) -> ConsoleProgress:
+    """Follow pytest -v's per-test lines up to line `upto` (0-based; default: all of them).
 
     On line `upto` itself only the text before the kernel's printk stamp
-    counts: the report may be glued to a node id that had no newline yet.
+    counts: a report may be glued to a node id that had no newline yet.
     """
-    running: str | None = None
-    for index, line in enumerate(lines[:upto + 1]):
+    progress = ConsoleProgress()
+    last = len(lines) - 1 if upto is None else upto
+    for index, line in enumerate(lines[:last + 1]):
         if index == upto:
             stamp = _PRINTK_STAMP.search(line)
             line = line[:stamp.start()] if stamp else line
         if _SESSION_END.match(line.strip()):
-            return None
+            progress.running, progress.finished = None, True
+            return progress
         events = [(m.start(), "node", m.group(1)) for m in _NODE.finditer(line)]
         events += [(m.start(), "result", m.group(1)) for m in _RESULT.finditer(line)]
         for _, kind, value in sorted(events):
-            running = value if kind == "node" else None
-    return running
+            if kind == "node":
+                progress.running = value
+            elif progress.running is not None:
+                progress.results.append((progress.running, value))
+                progress.running = None
+    return progress
+
+
+def running_test(lines: Sequence[str], upto: int) -> str | None:
+    """The pytest -v node id started but not finished at line `upto` (0-based), if any."""
+    return console_progress(lines, upto).running
 
 
 @dataclass(frozen=True)
@@ -182,14 +207,28 @@ def evaluate(
                 "crash_in_expected": None, "note": note}
     died = {"panic": "panicked", "timeout": "timed out", "stalled": "stalled"}.get(
         boot_status or "", "died before pytest finished")
+    # No JUnit: pytest -v's own lines on the console are the record of what ran.
+    progress = console_progress(console_text.splitlines())
+    failing = progress.failing()
+    matched = [e for e in expected if any(matches(e, name) for name in failing)]
     blame = attribute_crash(console_text, splats)
+    if blame is not None:
+        crash = (f"guest {died}: {blame.kind} (console line {blame.line + 1}) during "
+                 f"{blame.test}")
+    elif progress.running:
+        crash = f"guest {died} during {progress.running}"
+    else:
+        crash = f"guest {died}"
+    if matched:
+        return {"caught": CAUGHT, "observed": failing, "matched": matched, "crash": crash,
+                "crash_in_expected": None,
+                "note": f"no JUnit ({crash}); the failures are pytest's own result lines "
+                        "on the console"}
     if blame is not None:
         in_expected = any(matches(e, blame.test) for e in expected)
         return {
-            "caught": CAUGHT_CRASH, "observed": [blame.test], "matched":
-            [e for e in expected if matches(e, blame.test)],
-            "crash": f"guest {died}: {blame.kind} (console line {blame.line + 1}) during "
-                     f"{blame.test}",
+            "caught": CAUGHT_CRASH, "observed": [*failing, blame.test],
+            "matched": [e for e in expected if matches(e, blame.test)], "crash": crash,
             "crash_in_expected": in_expected,
             "note": "" if in_expected else "the crash hit a test the manifest does not list",
         }
@@ -198,7 +237,7 @@ def evaluate(
                 "outside any test")
     else:
         note = f"guest {died} with no kernel report in console.log"
-    return {"caught": SILENT_DEATH, "observed": [], "matched": [], "crash": f"guest {died}",
+    return {"caught": SILENT_DEATH, "observed": failing, "matched": [], "crash": crash,
             "crash_in_expected": None, "note": note}
 
 
@@ -220,17 +259,17 @@ def _observed_cell(outcome: Outcome) -> str:
     if outcome.caught == ERROR:
         return f"run error: {outcome.note}"
     parts = []
-    if outcome.crash:
-        parts.append(outcome.crash)
-    elif outcome.observed:
+    if outcome.observed:
         shown = [f"`{name}`" for name in outcome.observed[:SHOWN_FAILURES]]
         more = len(outcome.observed) - SHOWN_FAILURES
         parts.append(", ".join(shown) + (f" and {more} more" if more > 0 else ""))
-    else:
-        parts.append("none")
+    if outcome.crash:
+        parts.append(f"then {outcome.crash}" if outcome.observed and outcome.caught == CAUGHT
+                     else outcome.crash)
+    text = "; ".join(parts) or "none"
     if outcome.caught not in CAUGHT_LABELS and outcome.note and not outcome.crash:
-        parts.append(f"({outcome.note})")
-    return " ".join(parts)
+        text += f" ({outcome.note})"
+    return text
 
 
 def _time_cell(outcome: Outcome) -> str:

@@ -349,3 +349,31 @@ def test_outcome_of_a_run_that_stopped_before_booting_is_an_error(tmp_path):
     row = regressions.outcome_from_dir(entry, out)
     assert row.caught == ERROR and row.note == "kernel build failed"
     assert regressions.exit_code([row]) == 5
+
+
+# --- real runs -------------------------------------------------------------------------------
+
+REAL = FIXTURES / "regressions"
+
+
+def test_a_real_stalled_guest_after_an_expected_failure_is_caught_from_the_console():
+    text = (REAL / "spin-lock-02-stalled-console.log").read_text()
+    expected = ["test_spin_lock.py::test_user_lock_word_never_reaches_the_kernel"]
+    found = evaluate(expected, None, "stalled", splats_of(text), text)
+    assert found["caught"] == CAUGHT
+    assert found["observed"] == [
+        "test_spin_lock.py::test_user_lock_word_never_reaches_the_kernel[plain-update]"]
+    assert found["crash"] == ("guest stalled during test_spin_lock.py::"
+                              "test_user_lock_word_never_reaches_the_kernel[locked-update]")
+    # Had the hung test been another one, the same console is a silent death, never a pass.
+    found = evaluate(["test_teardown.py::test_x"], None, "stalled", splats_of(text), text)
+    assert found["caught"] == SILENT_DEATH
+    assert "no kernel report" in found["note"]
+
+
+def test_console_progress_reads_every_result_of_a_real_run():
+    lines = (REAL / "spin-lock-02-stalled-console.log").read_text().splitlines()
+    progress = regression_verdict.console_progress(lines)
+    assert len(progress.results) == 136 and not progress.finished
+    assert {result for _, result in progress.results} == {"PASSED", "FAILED"}
+    assert progress.running.endswith("[locked-update]")
