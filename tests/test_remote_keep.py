@@ -1,5 +1,6 @@
 """The kept guest: its record, stale-record detection and --stop on real processes, then one
-real TCG guest kept across two --target runs and stopped.
+real TCG guest kept across two --target runs (and one that makes its kernel print a
+backtrace, which must fail the run as a splat) and stopped.
 
 The record tests stand a copy of sleep(1) named qemu-system-x86_64 in for QEMU, so liveness,
 pid reuse and the process-group kill are checked on real processes without booting.  The
@@ -25,6 +26,7 @@ from runner.cache import default_cache_dir, open_cache
 from runner.errors import ExitCode, UsageError
 from runner.preflight import find_tool
 
+SPLAT_SUITE = Path(__file__).parent / "fixtures" / "ssh" / "splat-suite"
 KERNEL_IMAGE = Path(os.environ.get(
     "SK_STORAGE_SELFTESTS_KERNEL_IMAGE",
     default_cache_dir() / "probe-build" / "arch" / "x86" / "boot" / "bzImage"))
@@ -178,6 +180,19 @@ def test_kept_guest_serves_two_runs_without_booting_again_then_stops(cache, tmp_
             assert outcome.facts["python"].startswith("/")
             assert (out / "guest-kernel-release").read_text().strip() != os.uname().release
             assert keep.live_guest(cache).qemu_pid == qemu, "a run must not reboot the guest"
+        # A backtrace the kernel prints during a run is found in the target's log.
+        out = tmp_path / "splat"
+        out.mkdir()
+        outcome = remote.run_on_target(
+            remote.RemoteOptions(target=guest.target(), ssh_config=None, use_agent=False,
+                                 use_default_keys=False),
+            SPLAT_SUITE, out, timeout=600, log=said.append, cache=cache)
+        verdict, tests, splats, _ = pipeline.judge_output_dir(out, outcome.status)
+        assert [t.outcome for t in tests] == ["passed"]
+        assert verdict.exit_code == ExitCode.SPLAT, (out / "console.log").read_text()
+        kernel_log = (out / "console.log").read_text().split(
+            "### kernel log of the target since the run started", 1)[1]
+        assert "Call Trace" in kernel_log and splats
     finally:
         assert keep.stop(cache, said.append) == 0
     assert not keep.alive(guest)
