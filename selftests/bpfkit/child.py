@@ -28,6 +28,10 @@ class ChildTimeout(Exception):
     """The child did not finish before its deadline (it has been killed)."""
 
 
+class ChildStuckInKernel(ChildTimeout):
+    """SIGKILL did not end the child: a CPU of this kernel is wedged (e.g. spinning with IRQs off)."""
+
+
 class ChildFailed(Exception):
     """The child raised; the message carries its traceback."""
 
@@ -98,7 +102,7 @@ class RunningChild:
             if not _reaped(pid, REAP_GRACE):
                 # A child spinning in the kernel with interrupts off cannot die; say so
                 # rather than block the suite on it.
-                raise ChildTimeout(
+                raise ChildStuckInKernel(
                     f"{timeout_error}; SIGKILL did not end it (stuck in kernel)"
                 ) from None
             raise
