@@ -26,6 +26,9 @@ from runner.prebuilt import DISTRO_SUITES
 SUBCOMMANDS = {
     "parse": "runner.reparse",
     "regressions": "runner.regressions",
+    "bisect": "runner.bisect",
+    "bench": "runner.bench",
+    "matrix": "runner.matrix",
 }
 
 EPILOG = f"""\
@@ -40,6 +43,12 @@ subcommands:
   run-selftests parse OUTPUT_DIR   re-judge a saved run from its files
   run-selftests regressions        build each kernel_patches/regressions patch, run the
                                    suite, table which bugs the suite caught
+  run-selftests bisect --good REV --bad REV [-k EXPR] [--series FILE] [--runs N]
+                                   find the commit that broke the tests (git bisect run)
+  run-selftests bench [--host] [--sweep] [--repeat N] [--burst K]
+                                   sk storage vs hash map egress benchmark (the seed's)
+  run-selftests matrix [--kernels distro:5.10,...,build:DIR,image:PATH]
+                                   the suite on several kernels, one table
 
 exit codes:
 {exit_code_table()}
