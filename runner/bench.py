@@ -122,8 +122,7 @@ def run_in_guest(options: pipeline.RunOptions, out: Path, module_args: Sequence[
                                     log)
     summary["kernel"].update(image=str(kernel.image), origin=kernel.origin,
                              release=kernel.release, **kernel.details)
-    kvm_ok, kvm_reason = accel.kvm_usability()
-    plan = accel.plan_accel(options.accel, kvm_ok, kvm_reason)
+    plan = accel.plan_for_host(options.accel, cache.kvm_verdict)
     log(f"boot: {plan.reason}")
     command = guest_bench_command(sys.executable, Path(options.suite).resolve(), out,
                                   module_args)
@@ -134,6 +133,11 @@ def run_in_guest(options: pipeline.RunOptions, out: Path, module_args: Sequence[
     timings["guest"] = round(outcome.seconds, 2)
     summary["accel"] = {"used": outcome.accel, "reason": outcome.accel_reason,
                         "attempts": outcome.attempts}
+    memo = accel.remember_boot(cache.kvm_verdict, outcome.accel, outcome.kvm_failure,
+                               outcome.banner_seconds is not None, outcome.kvm_failed_at)
+    if memo:
+        log(f"boot: {memo}")
+        summary["accel"]["kvm_memo"] = memo
     summary["boot"] = {"status": outcome.status, "detail": outcome.detail,
                        "command": outcome.command, "exit_status": outcome.exit_status}
     summary["kernel"]["release"] = pipeline.kernel_release(out, kernel.release)

@@ -97,6 +97,9 @@ class BootOutcome:
     banner_seconds: float | None = None
     detail: str = ""
     attempts: list[str] = field(default_factory=list)
+    # Why and when (time.time()) the KVM probe failed when `auto` fell back to TCG.
+    kvm_failure: str | None = None
+    kvm_failed_at: float | None = None
 
 
 def kill_process_group(child: pexpect.spawn, grace: float = 3.0) -> None:
@@ -254,6 +257,7 @@ def run_guest(
     deadline = started + timeout
     accel, reason = plan.first, plan.reason
     attempts: list[str] = []
+    kvm_failure, kvm_failed_at = None, None
     with open(console_log, "w", encoding="utf-8", errors="replace") as log:
         while True:
             command = vng_command(vng, kernel, accel, cpus, memory, [output_dir], guest_command)
@@ -269,6 +273,7 @@ def run_guest(
                 kill_process_group(child)
             attempts.append(f"{accel}: {result.detail}")
             if result.status == "kvm-broken" and plan.fallback:
+                kvm_failure, kvm_failed_at = result.detail, time.time()
                 reason = f"auto: fell back to {plan.fallback}: {result.detail}"
                 echo(f"boot: {result.detail}; retrying with {plan.fallback}")
                 log.write(f"\n### {reason}\n")
@@ -279,7 +284,8 @@ def run_guest(
                 status=result.status, accel=accel, accel_reason=reason,
                 seconds=time.monotonic() - started, command=command,
                 exit_status=result.exit_status, banner_seconds=result.banner_seconds,
-                detail=result.detail, attempts=attempts,
+                detail=result.detail, attempts=attempts, kvm_failure=kvm_failure,
+                kvm_failed_at=kvm_failed_at,
             )
 
 

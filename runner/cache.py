@@ -66,6 +66,11 @@ class Cache:
         return self.root / "worktrees"
 
     @property
+    def kvm_verdict(self) -> Path:
+        """A failed KVM probe, remembered so `--accel auto` does not repeat it (runner.accel)."""
+        return self.root / "kvm-verdict.json"
+
+    @property
     def ccache(self) -> Path:
         """ccache directory shared by every build directory."""
         return self.root / "ccache"

@@ -290,8 +290,7 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
         summary["kernel"].update(image=str(kernel.image), origin=kernel.origin,
                                  release=kernel.release, **kernel.details)
 
-        kvm_ok, kvm_reason = accel.kvm_usability()
-        plan = accel.plan_accel(options.accel, kvm_ok, kvm_reason)
+        plan = accel.plan_for_host(options.accel, cache.kvm_verdict)
         log(f"boot: {plan.reason}")
         if options.shell:
             return boot.run_shell(kernel.image, plan, options.cpus, options.memory, echo=log)
@@ -310,6 +309,11 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
             timings["kernel_banner"] = round(outcome.banner_seconds, 2)
         summary["accel"] = {"used": outcome.accel, "reason": outcome.accel_reason,
                             "attempts": outcome.attempts}
+        memo = accel.remember_boot(cache.kvm_verdict, outcome.accel, outcome.kvm_failure,
+                                   outcome.banner_seconds is not None, outcome.kvm_failed_at)
+        if memo:
+            log(f"boot: {memo}")
+            summary["accel"]["kvm_memo"] = memo
         summary["boot"] = {"status": outcome.status, "detail": outcome.detail,
                            "command": outcome.command, "exit_status": outcome.exit_status}
         log(f"boot: guest finished ({outcome.detail}) under {outcome.accel} in "

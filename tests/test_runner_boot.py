@@ -139,6 +139,9 @@ def test_a_kvm_error_falls_back_at_once_and_names_the_error(standin, tmp_path, m
     assert outcome.accel == "tcg" and outcome.status == "exited"
     assert outcome.accel_reason == (
         "auto: fell back to tcg: QEMU reported 'KVM internal error. Suberror: 1' under KVM")
+    assert outcome.kvm_failure == "QEMU reported 'KVM internal error. Suberror: 1' under KVM"
+    # Wall-clock time of the fallback, for the remembered verdict.
+    assert time.time() - accel.KVM_PROBE_SECONDS * 4 < outcome.kvm_failed_at <= time.time()
     assert time.monotonic() - started < accel.KVM_PROBE_SECONDS
 
 
@@ -147,6 +150,7 @@ def test_tcg_boot_reports_the_banner_time(standin, tmp_path):
                         verbose=True)
     assert outcome.banner_seconds is not None and outcome.banner_seconds < 10
     assert outcome.accel == "tcg" and outcome.attempts == ["tcg: guest exited with status 0"]
+    assert outcome.kvm_failure is None and outcome.kvm_failed_at is None
 
 
 def test_a_panic_ends_the_run_early(standin, tmp_path, monkeypatch):
