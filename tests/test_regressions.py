@@ -377,3 +377,17 @@ def test_console_progress_reads_every_result_of_a_real_run():
     assert len(progress.results) == 136 and not progress.finished
     assert {result for _, result in progress.results} == {"PASSED", "FAILED"}
     assert progress.running.endswith("[locked-update]")
+
+
+def test_a_real_oops_glued_to_the_running_node_id_is_a_crash_catch_in_that_test():
+    text = (REAL / "single-bucket-05-oops-console.log").read_text()
+    expected = ["test_fd_ops.py::test_update_lookup_delete_round_trip",
+                "test_teardown.py::test_closed_sockets_leave_no_storage_in_the_map"]
+    splats = splats_of(text)
+    assert splats[0].kind == "oops"
+    found = evaluate(expected, None, "exited", splats, text)
+    assert found["caught"] == CAUGHT_CRASH and found["crash_in_expected"] is True
+    assert found["matched"] == expected[:1]
+    assert found["crash"] == (f"guest died before pytest finished: oops (console line "
+                              f"{splats[0].line + 1}) during "
+                              "test_fd_ops.py::test_update_lookup_delete_round_trip[tcp-ipv4]")
