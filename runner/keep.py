@@ -78,6 +78,7 @@ class KeptGuest:
     started_at: str
 
     def target(self) -> str:
+        """The --target URL that reaches this guest."""
         return f"ssh://{GUEST_USER}@{GUEST_HOST}:{self.port}"
 
     def reach_command(self) -> str:
@@ -97,10 +98,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def guest_dir(cache: Cache) -> Path:
+    """Where the kept guest's record, known_hosts and console log live."""
     return cache.root / GUEST_DIR
 
 
 def vng_ssh_dir() -> Path:
+    """virtme-ng's SSH directory for this user: its client key and the guest's host keys."""
     return VNG_SSH_DIR.expanduser()
 
 

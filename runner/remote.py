@@ -237,17 +237,20 @@ class _Console:
         self.pending = ""
 
     def feed(self, data: bytes) -> None:
+        """Take raw output; complete lines are logged and echoed, the rest waits."""
         self.pending += self.decoder.decode(data)
         *lines, self.pending = self.pending.split("\n")
         for line in lines:
             self.line(line.replace("\r", ""))
 
     def line(self, text: str) -> None:
+        """One line into console.log (flushed: partial results survive a drop) and the echo."""
         self.file.write(text + "\n")
         self.file.flush()
         self.echo(text)
 
     def close(self) -> None:
+        """Flush a last line that never got its newline (a run cut mid-line)."""
         self.pending += self.decoder.decode(b"", final=True)
         if self.pending:
             self.line(self.pending.replace("\r", ""))
@@ -376,6 +379,9 @@ def run_on_target(options: RemoteOptions, suite: Path, out: Path, markers: str |
     sftp = None
     facts = None
     link_ok = True  # cleanup on a dead or silent link would only hang
+    # Until the driver has exited, the work directory is in use: an interrupted
+    # run leaves it (closing the connection makes the driver stop pytest).
+    driver_running = False
     try:
         server_key = client.get_transport().get_remote_server_key()
         facts_out["host_key"] = ssh.key_description(server_key)
@@ -420,9 +426,11 @@ def run_on_target(options: RemoteOptions, suite: Path, out: Path, markers: str |
             try:
                 channel = client.get_transport().open_session(timeout=PROBE_TIMEOUT)
                 channel.set_combine_stderr(True)
+                driver_running = True
                 channel.exec_command(shlex.join(command))
                 status, detail, exit_status = stream_run(
                     channel, console, deadline, stall_timeout, liveness_after, liveness_wait)
+                driver_running = exit_status is None
             except ssh.ConnectionDropped as exc:
                 link_ok = False
                 console.line(f"### {exc.message}")
@@ -472,9 +480,12 @@ def run_on_target(options: RemoteOptions, suite: Path, out: Path, markers: str |
         return TargetOutcome(status, detail, time.monotonic() - started, exit_status, facts_out)
     finally:
         transport = client.get_transport()
-        if link_ok and facts is not None and facts.workdir and transport is not None \
-                and transport.is_active():
-            _remove_workdir(client, sftp, facts.workdir, facts.uid != 0, log)
+        if facts is not None and facts.workdir:
+            if link_ok and not driver_running and transport is not None \
+                    and transport.is_active():
+                _remove_workdir(client, sftp, facts.workdir, facts.uid != 0, log)
+            elif link_ok:  # a dropped link already says so in its error
+                log(f"remote: {facts.workdir} is left on the target")
         if sftp is not None:
             sftp.close()
         client.close()

@@ -90,6 +90,7 @@ class KernelLogSince:
         os.write(self.fd, f"<5>{text}\n".encode())
 
     def read(self) -> str:
+        """Everything logged since construction, as dmesg-style text; counts lost records."""
         lines, next_seq = [], None
         while True:
             try:
@@ -178,6 +179,7 @@ def finish(workdir: str, unpacked: list) -> None:
 
 
 def main(argv: list | None = None) -> int:
+    """Unpack, mark the log, run pytest, collect the log, leave only results; pytest's status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir")
     parser.add_argument("--marker", required=True)

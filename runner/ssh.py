@@ -73,6 +73,7 @@ class Target:
     port: int | None = None
 
     def url(self) -> str:
+        """Back to the ssh:// form, for messages and summary.json."""
         user = f"{self.user}@" if self.user else ""
         host = f"[{self.host}]" if ":" in self.host else self.host
         port = f":{self.port}" if self.port else ""
@@ -111,6 +112,7 @@ class Endpoint:
         return self.host if self.port == SSH_PORT else f"[{self.host}]:{self.port}"
 
     def describe(self) -> str:
+        """user@host:port, the resolved address a message should name."""
         return f"{self.user}@{self.host}:{self.port}"
 
 
@@ -179,6 +181,7 @@ class _UnknownHostPolicy(paramiko.MissingHostKeyPolicy):
         self.log = log
 
     def missing_host_key(self, client, hostname, key):
+        """paramiko's hook for a host with no recorded key: refuse, or record when asked to."""
         if not self.accept_new:
             raise HostKeyUnknown(
                 f"{hostname} is not in {self.known_hosts} and offers {key_description(key)}; "

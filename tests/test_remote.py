@@ -533,3 +533,21 @@ def test_command_line_refuses_kernel_options_with_a_target(sshd, tmp_path):
                          home=tmp_path / "home")
     assert proc.returncode == ExitCode.USAGE, proc.stdout + proc.stderr
     assert "--kernel-image" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_interrupted_host_stops_pytest_on_the_target(sshd, known_hosts, tmp_path):
+    said: list = []
+
+    def log(line: str) -> None:
+        said.append(line)
+        if "collected 1 item" in line:
+            raise KeyboardInterrupt  # Ctrl-C while the slow test runs
+
+    with pytest.raises(KeyboardInterrupt):
+        remote.run_on_target(options(sshd, known_hosts), SLOW_SUITE, tmp_path, markers=None,
+                             log=log)
+    workdir = workdir_of(said)
+    assert said[-1] == f"remote: {workdir} is left on the target"
+    assert wait_for_status(workdir)["stopped"] == "the host ended the run"
+    assert_none_running(str(workdir))
+    shutil.rmtree(workdir)
