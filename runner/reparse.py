@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from runner import pipeline
+from runner import debug_kernel, pipeline
 from runner.artifacts import SUMMARY
 from runner.errors import UsageError
 
@@ -26,13 +26,17 @@ def main(args: argparse.Namespace) -> int:
     if not out.is_dir():
         raise UsageError(f"{out} is not a directory; pass a run's output directory")
     boot_status = "exited"
+    summary: dict = {}
     summary_file = out / SUMMARY
     if summary_file.exists():
         try:
-            boot_status = json.loads(summary_file.read_text()).get("boot", {}).get(
-                "status", boot_status)
+            summary = json.loads(summary_file.read_text())
+            boot_status = summary.get("boot", {}).get("status", boot_status)
         except ValueError:
             pass
     verdict, tests, splats, _ = pipeline.judge_output_dir(out, boot_status)
+    if "kmemleak" in summary:
+        # A --debug-kernel run: its kmemleak report is part of the verdict.
+        verdict = debug_kernel.judge(out, verdict, {}, print)
     pipeline.report(verdict, tests, splats, print)
     return int(verdict.exit_code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,21 @@ def test_collect_scans_twice_with_the_console_quiet_and_saves_the_report(tmp_pat
     assert printk.read_text() == "7"
     assert (out / kmemleak_guest.REPORT_FILE).read_text() == REPORT_5_4
     assert (out / kmemleak_guest.STATUS_FILE).read_text().startswith("ok 2 ")
+
+
+def test_parse_re_judges_a_debug_kernel_run_with_its_kmemleak_report(tmp_path, capsys):
+    from runner import reparse
+
+    junit = FIXTURES / "runner" / "junit-guest-6.1.xml"  # 2 passed, 1 skipped
+    (tmp_path / "junit.xml").write_text(junit.read_text())
+    (tmp_path / "pytest-exitcode").write_text("0\n")
+    (tmp_path / "console.log").write_text("")
+    (tmp_path / "summary.json").write_text('{"boot": {"status": "exited"}, "kmemleak": {}}')
+    guest_files(tmp_path, "error: kmemleak scan or read failed: busy")
+    code = reparse.main(argparse.Namespace(output_dir=tmp_path))
+    printed = capsys.readouterr().out
+    assert "kmemleak: no report (error: kmemleak scan or read failed: busy)" in printed
+    assert code == ExitCode.INFRASTRUCTURE
+    # The same files without the kmemleak key (a normal run) are a pass.
+    (tmp_path / "summary.json").write_text('{"boot": {"status": "exited"}}')
+    assert reparse.main(argparse.Namespace(output_dir=tmp_path)) == ExitCode.PASS
