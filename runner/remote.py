@@ -221,9 +221,9 @@ def probe(client: paramiko.SSHClient, python: str) -> TargetFacts:
                                f"{'.'.join(map(str, facts.version))}; the suite needs "
                                f"{MIN_PYTHON[0]}.{MIN_PYTHON[1]}+ (--target-python)")
     if facts.uid != 0 and not facts.sudo:
-        raise TargetUnsuitable("the login user is not root on the target and sudo -n asks for a "
-                               "password; log in as root (ssh://root@...) or allow that user "
-                               "passwordless sudo")
+        raise TargetUnsuitable("the login user is not root on the target and `sudo -n true` "
+                               "fails there (a password or a tty is required); log in as root "
+                               "(ssh://root@...) or allow that user passwordless sudo")
     return facts
 
 
