@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from runner import pipeline
+from runner import keep, pipeline, remote
 from runner.cache import CACHE_DIR_ENV
 from runner.errors import ExitCode, Interrupted, RunnerError, exit_code_table
 from runner.interrupts import install_sigterm_handler
@@ -132,6 +132,9 @@ def options_from_args(args: argparse.Namespace, argv: Sequence[str]) -> pipeline
         output=args.output, cache_dir=args.cache_dir, keyword=args.keyword,
         markers=args.markers or None, suite=args.suite, shell=args.shell,
         verbose=args.verbose, debug_kernel=args.debug_kernel, argv=list(argv),
+        # Only the plain run's parser has the SSH-target and kept-guest options.
+        target=remote.options_from_args(args) if hasattr(args, "target") else None,
+        keep=getattr(args, "keep", False), stop=getattr(args, "stop", False),
     )
 
 
@@ -144,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_run_arguments(parser)
+    remote.add_arguments(parser)
+    keep.add_arguments(parser)
     return parser
 
 

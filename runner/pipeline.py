@@ -7,6 +7,7 @@ summary.json complete even when a stage fails.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import platform
@@ -24,9 +25,11 @@ from runner import (
     build,
     debug_kernel,
     kconfig,
+    keep,
     patches,
     prebuilt,
     preflight,
+    remote,
     results,
     source,
 )
@@ -67,6 +70,9 @@ class RunOptions:
     verbose: bool = False
     debug_kernel: bool = False
     argv: Sequence[str] = ()
+    target: remote.RemoteOptions | None = None
+    keep: bool = False
+    stop: bool = False
 
 
 @dataclass
@@ -103,6 +109,17 @@ def validate(options: RunOptions) -> None:
             raise UsageError(f"{name} must be positive")
     if not options.shell and not Path(options.suite).is_dir():
         raise UsageError(f"test suite directory {options.suite} does not exist; check --suite")
+    if options.target:
+        local = [n for n, v in (("--kernel-src", options.kernel_src),
+                                ("--kernel-image", options.kernel_image),
+                                ("--distro-kernel", options.distro_kernel),
+                                ("--series", options.series), ("--config", options.config),
+                                ("--shell", options.shell), ("--keep", options.keep)) if v]
+        if local:
+            raise UsageError(f"--target tests the kernel the target runs; drop "
+                             f"{', '.join(local)}")
+    if options.keep and options.shell:
+        raise UsageError("--keep and --shell exclude each other; pick one")
 
 
 def requirements(options: RunOptions, user_source: source.KernelSource | None,
@@ -260,18 +277,37 @@ def kernel_release(out: Path, fallback: str | None) -> str | None:
     return fallback
 
 
+def run_on_target(options: RunOptions, cache: Cache, out: Path, timings: dict, summary: dict,
+                  log: Callable[[str], None]) -> tuple:
+    """Stage 5 for --target: the target already runs its kernel; (status, release) as a boot."""
+    outcome = remote.run_on_target(options.target, options.suite, out, options.markers,
+                                   options.keyword, options.timeout, options.stall_timeout, log,
+                                   cache)
+    timings["target"] = round(outcome.seconds, 2)
+    summary["target"] = outcome.facts
+    summary["boot"] = {"status": outcome.status, "detail": outcome.detail,
+                       "exit_status": outcome.exit_status}
+    return outcome.status, outcome.facts.get("release")
+
+
 def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
     """The whole pipeline; returns the exit code, raises RunnerError for user-fixable problems."""
     run_started = time.monotonic()
+    if options.stop:
+        return keep.stop(open_cache(options.cache_dir), log)
     validate(options)
     out = artifacts.prepare_output_dir(options.output)
     log(f"output: {out}")
     cache = open_cache(options.cache_dir)
-    # Inputs are checked before tools, so a typo is reported as itself.
-    user_source = source.open_user_source(options.kernel_src) if options.kernel_src else None
-    image = (prebuilt.open_kernel_image(options.kernel_image, options.modules, cache)
-             if options.kernel_image else None)
-    preflight.check(requirements(options, user_source, cache))
+    user_source = image = None
+    if not options.target:
+        # Inputs are checked before tools, so a typo is reported as itself.
+        user_source = (source.open_user_source(options.kernel_src) if options.kernel_src
+                       else None)
+        image = (prebuilt.open_kernel_image(options.kernel_image, options.modules, cache)
+                 if options.kernel_image else None)
+        preflight.check(requirements(options, user_source, cache)
+                        + (list(keep.KEEP_TOOLS) if options.keep else []))
 
     timings: dict = {}
     summary: dict = {
@@ -286,43 +322,55 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
                       "suite": str(options.suite)},
     }
     try:
-        kernel = obtain_kernel(options, user_source, image, cache, out, timings, summary, log)
-        summary["kernel"].update(image=str(kernel.image), origin=kernel.origin,
-                                 release=kernel.release, **kernel.details)
+        if options.target:
+            status, declared_release = run_on_target(options, cache, out, timings, summary, log)
+        else:
+            kernel = obtain_kernel(options, user_source, image, cache, out, timings, summary, log)
+            summary["kernel"].update(image=str(kernel.image), origin=kernel.origin,
+                                     release=kernel.release, **kernel.details)
 
-        plan = accel.plan_for_host(options.accel, cache.kvm_verdict)
-        log(f"boot: {plan.reason}")
-        if options.shell:
-            return boot.run_shell(kernel.image, plan, options.cpus, options.memory, echo=log)
+            plan = accel.plan_for_host(options.accel, cache.kvm_verdict)
+            log(f"boot: {plan.reason}")
+            if options.shell:
+                return boot.run_shell(kernel.image, plan, options.cpus, options.memory, echo=log)
 
-        command = boot.guest_test_command(sys.executable, Path(options.suite).resolve(), out,
-                                          options.markers, options.keyword)
-        if options.debug_kernel:
-            command = debug_kernel.prepare_guest(command, sys.executable, out)
-        outcome = boot.run_guest(
-            kernel.image, out, command, plan, out / artifacts.CONSOLE_LOG, cpus=options.cpus,
-            memory=options.memory, timeout=options.timeout, stall_timeout=options.stall_timeout,
-            echo=log, verbose=options.verbose,
-        )
-        timings["guest"] = round(outcome.seconds, 2)
-        if outcome.banner_seconds is not None:
-            timings["kernel_banner"] = round(outcome.banner_seconds, 2)
-        summary["accel"] = {"used": outcome.accel, "reason": outcome.accel_reason,
-                            "attempts": outcome.attempts}
-        memo = accel.remember_boot(cache.kvm_verdict, outcome.accel, outcome.kvm_failure,
-                                   outcome.banner_seconds is not None, outcome.kvm_failed_at)
-        if memo:
-            log(f"boot: {memo}")
-            summary["accel"]["kvm_memo"] = memo
-        summary["boot"] = {"status": outcome.status, "detail": outcome.detail,
-                           "command": outcome.command, "exit_status": outcome.exit_status}
-        log(f"boot: guest finished ({outcome.detail}) under {outcome.accel} in "
-            f"{outcome.seconds:.0f} s")
+            if options.keep:
+                guest = keep.start(kernel.image, plan, cache, options.cpus, options.memory,
+                                   options.timeout, log)
+                summary["kept_guest"] = dataclasses.asdict(guest)
+                for line in keep.describe(guest):
+                    log(line)
+                return 0
 
-        verdict, tests, splats, pytest_exit = judge_output_dir(out, outcome.status)
+            command = boot.guest_test_command(sys.executable, Path(options.suite).resolve(), out,
+                                              options.markers, options.keyword)
+            if options.debug_kernel:
+                command = debug_kernel.prepare_guest(command, sys.executable, out)
+            outcome = boot.run_guest(
+                kernel.image, out, command, plan, out / artifacts.CONSOLE_LOG, cpus=options.cpus,
+                memory=options.memory, timeout=options.timeout, stall_timeout=options.stall_timeout,
+                echo=log, verbose=options.verbose,
+            )
+            timings["guest"] = round(outcome.seconds, 2)
+            if outcome.banner_seconds is not None:
+                timings["kernel_banner"] = round(outcome.banner_seconds, 2)
+            summary["accel"] = {"used": outcome.accel, "reason": outcome.accel_reason,
+                                "attempts": outcome.attempts}
+            memo = accel.remember_boot(cache.kvm_verdict, outcome.accel, outcome.kvm_failure,
+                                       outcome.banner_seconds is not None, outcome.kvm_failed_at)
+            if memo:
+                log(f"boot: {memo}")
+                summary["accel"]["kvm_memo"] = memo
+            summary["boot"] = {"status": outcome.status, "detail": outcome.detail,
+                               "command": outcome.command, "exit_status": outcome.exit_status}
+            log(f"boot: guest finished ({outcome.detail}) under {outcome.accel} in "
+                f"{outcome.seconds:.0f} s")
+            status, declared_release = outcome.status, kernel.release
+
+        verdict, tests, splats, pytest_exit = judge_output_dir(out, status)
         if options.debug_kernel:
             verdict = debug_kernel.judge(out, verdict, summary, log)
-        summary["kernel"]["release"] = kernel_release(out, kernel.release)
+        summary["kernel"]["release"] = kernel_release(out, declared_release)
         summary["pytest_exit"] = pytest_exit
         summary["tests"] = [t.__dict__ for t in tests or []]
         summary["counts"] = results.counts(tests or [])
