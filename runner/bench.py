@@ -126,23 +126,8 @@ def run_in_guest(options: pipeline.RunOptions, out: Path, module_args: Sequence[
     log(f"boot: {plan.reason}")
     command = guest_bench_command(sys.executable, Path(options.suite).resolve(), out,
                                   module_args)
-    outcome = boot.run_guest(kernel.image, out, command, plan, out / artifacts.CONSOLE_LOG,
-                             cpus=options.cpus, memory=options.memory, timeout=options.timeout,
-                             stall_timeout=options.stall_timeout, echo=log,
-                             verbose=options.verbose)
-    timings["guest"] = round(outcome.seconds, 2)
-    summary["accel"] = {"used": outcome.accel, "reason": outcome.accel_reason,
-                        "attempts": outcome.attempts}
-    memo = accel.remember_boot(cache.kvm_verdict, outcome.accel, outcome.kvm_failure,
-                               outcome.banner_seconds is not None, outcome.kvm_failed_at)
-    if memo:
-        log(f"boot: {memo}")
-        summary["accel"]["kvm_memo"] = memo
-    summary["boot"] = {"status": outcome.status, "detail": outcome.detail,
-                       "command": outcome.command, "exit_status": outcome.exit_status}
+    outcome = pipeline.boot_and_record(kernel, out, command, plan, options, cache, summary, log)
     summary["kernel"]["release"] = pipeline.kernel_release(out, kernel.release)
-    log(f"boot: guest finished ({outcome.detail}) under {outcome.accel} in "
-        f"{outcome.seconds:.0f} s")
     console = (out / artifacts.CONSOLE_LOG).read_text(errors="replace")
     splats = results.find_console_splats(console)
     if splats:

@@ -234,6 +234,36 @@ def obtain_kernel(options: RunOptions, user_source: source.KernelSource | None,
                         {"modules_dir": str(kernel.modules_dir) if kernel.modules_dir else None})
 
 
+def boot_and_record(kernel: KernelToBoot, out: Path, command: str, plan: accel.AccelPlan,
+                    options: RunOptions, cache: Cache, summary: dict,
+                    log: Callable[[str], None]) -> boot.BootOutcome:
+    """Boot `kernel` with `command` as the guest's job; record accel, boot and timings in summary.
+
+    Shared by a plain run and the benchmark, so both remember a broken KVM the same way.
+    """
+    outcome = boot.run_guest(
+        kernel.image, out, command, plan, out / artifacts.CONSOLE_LOG, cpus=options.cpus,
+        memory=options.memory, timeout=options.timeout, stall_timeout=options.stall_timeout,
+        echo=log, verbose=options.verbose,
+    )
+    timings = summary["timings"]
+    timings["guest"] = round(outcome.seconds, 2)
+    if outcome.banner_seconds is not None:
+        timings["kernel_banner"] = round(outcome.banner_seconds, 2)
+    summary["accel"] = {"used": outcome.accel, "reason": outcome.accel_reason,
+                        "attempts": outcome.attempts}
+    memo = accel.remember_boot(cache.kvm_verdict, outcome.accel, outcome.kvm_failure,
+                               outcome.banner_seconds is not None, outcome.kvm_failed_at)
+    if memo:
+        log(f"boot: {memo}")
+        summary["accel"]["kvm_memo"] = memo
+    summary["boot"] = {"status": outcome.status, "detail": outcome.detail,
+                       "command": outcome.command, "exit_status": outcome.exit_status}
+    log(f"boot: guest finished ({outcome.detail}) under {outcome.accel} in "
+        f"{outcome.seconds:.0f} s")
+    return outcome
+
+
 def judge_output_dir(out: Path, boot_status: str) -> tuple:
     """Stage 6 on saved files: (verdict, tests, splats) from junit.xml, exit file, console.log."""
     console = out / artifacts.CONSOLE_LOG
@@ -346,25 +376,7 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
                                               options.markers, options.keyword)
             if options.debug_kernel:
                 command = debug_kernel.prepare_guest(command, sys.executable, out)
-            outcome = boot.run_guest(
-                kernel.image, out, command, plan, out / artifacts.CONSOLE_LOG, cpus=options.cpus,
-                memory=options.memory, timeout=options.timeout, stall_timeout=options.stall_timeout,
-                echo=log, verbose=options.verbose,
-            )
-            timings["guest"] = round(outcome.seconds, 2)
-            if outcome.banner_seconds is not None:
-                timings["kernel_banner"] = round(outcome.banner_seconds, 2)
-            summary["accel"] = {"used": outcome.accel, "reason": outcome.accel_reason,
-                                "attempts": outcome.attempts}
-            memo = accel.remember_boot(cache.kvm_verdict, outcome.accel, outcome.kvm_failure,
-                                       outcome.banner_seconds is not None, outcome.kvm_failed_at)
-            if memo:
-                log(f"boot: {memo}")
-                summary["accel"]["kvm_memo"] = memo
-            summary["boot"] = {"status": outcome.status, "detail": outcome.detail,
-                               "command": outcome.command, "exit_status": outcome.exit_status}
-            log(f"boot: guest finished ({outcome.detail}) under {outcome.accel} in "
-                f"{outcome.seconds:.0f} s")
+            outcome = boot_and_record(kernel, out, command, plan, options, cache, summary, log)
             status, declared_release = outcome.status, kernel.release
 
         verdict, tests, splats, pytest_exit = judge_output_dir(out, status)
