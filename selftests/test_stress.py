@@ -56,6 +56,9 @@ CLEANUP_TIMEOUT = float(os.environ.get("SK_STORAGE_CLEANUP_TIMEOUT", "30"))
 # A race that has not ended by then is hung in the kernel, not slow.
 RACE_TIMEOUT = float(os.environ.get("SK_STORAGE_STRESS_TIMEOUT", "300"))
 VALUE_SIZE = 16
+# A worker that fails before the barrier must not leave the others waiting forever:
+# they give up with BrokenBarrierError and the first worker's own error is reported.
+BARRIER_TIMEOUT = 120.0
 
 
 @pytest.fixture
@@ -108,7 +111,7 @@ def map_free_round(round_number: int, families: list[int]) -> None:
     # the others are still closing sockets.
     worker_fds = [os.dup(map_fd) for _ in range(THREADS)]
     os.close(map_fd)
-    start = threading.Barrier(THREADS)
+    start = threading.Barrier(THREADS, timeout=BARRIER_TIMEOUT)
     survivors: list[socket.socket] = []
     survivor_baselines: list[int] = []
     lock = threading.Lock()
