@@ -257,6 +257,11 @@ def outcome_from_dir(regression: Regression, out: Path, seconds: float | None = 
         error = "no summary.json: the run did not start"
     found = regression_verdict.evaluate(regression.expected_failing, tests, boot_status,
                                         splats, text, error)
+    verdict = summary.get("verdict", "")
+    if found["caught"] not in regression_verdict.CAUGHT_LABELS and found["caught"] != \
+            regression_verdict.ERROR and verdict not in ("", "pass", "test failure"):
+        # Not a catch by the rule, but what else went red (a kmemleak or splat verdict) shows.
+        found["note"] += f"; the run's verdict: {verdict} ({summary.get('reason', '')})"
     timings = summary.get("timings") or {}
     return regression_verdict.Outcome(
         id=regression.id, bug=regression.bug, upstream_fix=regression.upstream_fix,

@@ -12,6 +12,8 @@ from runner.errors import ExitCode
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPORT_5_4 = (FIXTURES / "splats" / "kmemleak-report-5.4.log").read_text()
+# From this project's 6.1 debug kernel with elements leaked at socket destruction.
+REPORT_SELEM = (FIXTURES / "kmemleak" / "kmemleak-bpf-selem-6.1-debug.log").read_text()
 
 PASS = results.Verdict(ExitCode.PASS, "pass", "162 test(s), none failed")
 FAILED = results.Verdict(ExitCode.TEST_FAILURE, "test failure", "1 test(s) failed: x")
@@ -37,6 +39,17 @@ def test_a_leak_in_the_network_stack_is_not_a_local_storage_leak():
     assert others[0].headline() == ('176 bytes at 0xb5971f00 by "softirq" pid 0: '
                                     "kmem_cache_alloc <- __build_skb <- __netdev_alloc_skb <- "
                                     "ftgmac100_alloc_rx_buf.constprop.0")
+
+
+def test_a_real_6_1_report_of_leaked_sk_storage_elements_is_ours():
+    leaks = kmemleak.parse_report(REPORT_SELEM)
+    assert [(leak.size, leak.comm, leak.pid) for leak in leaks] == [(96, "python3", 134)] * 4
+    assert leaks[0].frames[:2] == ("__kmalloc+0x4d/0x160", "bpf_selem_alloc+0x108/0x460")
+    assert leaks[0].local_storage_frames() == [
+        "bpf_selem_alloc+0x108/0x460", "bpf_local_storage_update+0x383/0x880",
+        "bpf_fd_sk_storage_update_elem+0x115/0x170"]
+    ours, others = kmemleak.split_leaks(leaks)
+    assert len(ours) == 4 and others == []
 
 
 def test_the_dmesg_form_with_printk_stamps_parses_the_same():
@@ -110,6 +123,23 @@ def test_leaks_elsewhere_are_reported_but_do_not_fail_the_run(tmp_path):
     assert len(summary["kmemleak"]["other_leaks"]) == 2
     assert summary["kmemleak"]["local_storage_leaks"] == []
     assert any("not failing the run" in line for line in lines)
+
+
+def test_a_local_storage_leak_fails_the_run_with_its_backtrace_shown(tmp_path):
+    guest_files(tmp_path, "ok 6 23.2", REPORT_5_4 + REPORT_SELEM)
+    verdict, summary, lines = judge(tmp_path, PASS)
+    assert verdict.exit_code == ExitCode.SPLAT and verdict.label == "kmemleak"
+    assert verdict.reason == ("4 leaked object(s) allocated through BPF local storage (first: "
+                              "__kmalloc <- bpf_selem_alloc <- bpf_local_storage_update <- "
+                              "bpf_fd_sk_storage_update_elem)")
+    assert len(summary["kmemleak"]["local_storage_leaks"]) == 4
+    assert len(summary["kmemleak"]["other_leaks"]) == 2
+    text = "\n".join(lines)
+    assert "    > bpf_selem_alloc+0x108/0x460" in text
+    assert "      __sys_bpf+0x3231/0x4d40" in text
+    # It outranks failed tests, not a crash.
+    assert judge(tmp_path, FAILED)[0].label == "kmemleak"
+    assert judge(tmp_path, CRASH)[0] == CRASH
 
 
 def test_no_report_fails_an_otherwise_passing_run(tmp_path):

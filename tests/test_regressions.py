@@ -391,3 +391,15 @@ def test_a_real_oops_glued_to_the_running_node_id_is_a_crash_catch_in_that_test(
     assert found["crash"] == (f"guest died before pytest finished: oops (console line "
                               f"{splats[0].line + 1}) during "
                               "test_fd_ops.py::test_update_lookup_delete_round_trip[tcp-ipv4]")
+
+
+def test_a_miss_shows_what_else_made_the_run_red(tmp_path):
+    saved_run(tmp_path / "r", junit=True, console="", verdict="kmemleak")
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    summary["reason"] = "71 leaked object(s) allocated through BPF local storage"
+    (tmp_path / "r" / "summary.json").write_text(json.dumps(summary))
+    entry = regressions.Regression("r", tmp_path / "p.patch", "bug", "fix", ("t.py::nothing",))
+    row = regressions.outcome_from_dir(entry, tmp_path / "r")
+    assert row.caught == MISSED
+    assert row.note.endswith("; the run's verdict: kmemleak (71 leaked object(s) allocated "
+                             "through BPF local storage)")
