@@ -65,16 +65,23 @@ def vng_command(
 
 def guest_test_command(
     python: str, suite_dir: Path, output_dir: Path, markers: str | None,
-    keyword: str | None,
+    keyword: str | None, extra_args: Sequence[str] = (),
 ) -> str:
-    """The shell command the guest runs: pytest on the suite, exit code into its own file."""
+    """The shell command the guest runs: pytest on the suite, exit code into its own file.
+
+    extra_args are appended to pytest's argv as they are (quoted for the shell).
+    """
     pytest = [python, "-m", "pytest", str(suite_dir), f"--junitxml={output_dir / JUNIT_FILE}",
               # The root filesystem is read-only in the guest: no cache dir.
-              "-p", "no:cacheprovider", "-v", "-rfEs"]
+              "-p", "no:cacheprovider", "-v", "-rfEs",
+              # The console is a log read by people and regexes (result lines,
+              # splats): whatever TERM the guest inherits, no ANSI colour codes.
+              "--color=no"]
     if markers:
         pytest += ["-m", markers]
     if keyword:
         pytest += ["-k", keyword]
+    pytest += list(extra_args)
     return (
         # From the suite's directory, pytest reports short test paths.
         f"cd {shlex.quote(str(suite_dir))}; export PYTHONDONTWRITEBYTECODE=1; "
@@ -150,11 +157,17 @@ class _Attempt:
     banner_seconds: float | None
 
 
-def _child_env(vng: str) -> dict:
+def _child_env(vng: str, interactive: bool = False) -> dict:
     env = dict(os.environ)
     # vng starts virtme-run by name: make the one beside vng (same venv) win.
     env["PATH"] = os.path.dirname(vng) + os.pathsep + env.get("PATH", "")
-    env.setdefault("TERM", "dumb")
+    # virtme-ng hands TERM to the guest on the kernel command line.  A logged
+    # run must not colour its console whatever terminal the caller has; an
+    # interactive shell keeps the caller's terminal.
+    if interactive:
+        env.setdefault("TERM", "dumb")
+    else:
+        env["TERM"] = "dumb"
     return env
 
 
@@ -293,7 +306,7 @@ def run_shell(kernel: Path, plan: AccelPlan, cpus: int = 2, memory: str = "2G",
               echo: Callable[[str], None] = print) -> int:
     """--shell: boot the same kernel with an interactive root shell on this terminal."""
     vng = find_vng()
-    env = _child_env(vng)
+    env = _child_env(vng, interactive=True)
     accel, reason = plan.first, plan.reason
     while True:
         command = vng_command(vng, kernel, accel, cpus, memory, [], None)

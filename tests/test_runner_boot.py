@@ -107,8 +107,28 @@ def test_guest_command_runs_pytest_and_reports_its_exit_code_in_a_file():
                                       Path("/runs/x y"), "not stress", "map and not btf")
     assert command.startswith("cd /repo/selftests; export PYTHONDONTWRITEBYTECODE=1; ")
     assert ("/venv/bin/python3 -m pytest /repo/selftests '--junitxml=/runs/x y/junit.xml' "
-            "-p no:cacheprovider -v -rfEs -m 'not stress' -k 'map and not btf';") in command
+            "-p no:cacheprovider -v -rfEs --color=no -m 'not stress' -k 'map and not btf';"
+            ) in command
     assert command.endswith("echo $? > '/runs/x y/pytest-exitcode'")
+
+
+def test_extra_pytest_arguments_go_last_and_quoted():
+    command = boot.guest_test_command("py", Path("/s"), Path("/o"), None, None,
+                                      extra_args=["--deselect", "test_a.py::test_b[x y]"])
+    assert "--color=no --deselect 'test_a.py::test_b[x y]';" in command
+
+
+@pytest.mark.parametrize("term", ["xterm-256color", "dumb", None])
+def test_the_guest_never_inherits_a_colour_terminal(standin, tmp_path, monkeypatch, term):
+    """virtme-ng puts TERM on the guest's kernel command line: a logged run gets dumb."""
+    if term is None:
+        monkeypatch.delenv("TERM", raising=False)
+    else:
+        monkeypatch.setenv("TERM", term)
+    outcome, _, out = run(standin, tmp_path, accel.AccelPlan("tcg", None, "t"),
+                          command='echo "TERM=$TERM"; echo 0 > pytest-exitcode')
+    assert outcome.status == "exited"
+    assert "TERM=dumb" in (out / "console.log").read_text()
 
 
 def test_auto_falls_back_to_tcg_when_kvm_hangs(standin, tmp_path, monkeypatch):
