@@ -143,8 +143,14 @@ def pack_request(
     meminfo: bool = False,
     sport: int | None = None,
     map_fds: Sequence[int] = (),
+    storages_nest: bytes | None = None,
 ) -> bytes:
-    """A SOCK_DIAG_BY_FAMILY dump request as the bytes sent to the kernel."""
+    """A SOCK_DIAG_BY_FAMILY dump request as the bytes sent to the kernel.
+
+    storages_nest, when given, is the verbatim payload of the
+    INET_DIAG_REQ_SK_BPF_STORAGES nest (even empty: "dump every storage"),
+    for requests map_fds cannot express.
+    """
     ext = 1 << (INET_DIAG_SKMEMINFO - 1) if meminfo else 0
     sockid = (b"\0\0", b"\0\0", b"\0" * 16, b"\0" * 16, 0, INET_DIAG_NOCOOKIE, INET_DIAG_NOCOOKIE)
     body = REQ_V2.pack(family, protocol, ext, 0, states, *sockid)
@@ -155,6 +161,8 @@ def pack_request(
             pack_attribute(SK_DIAG_BPF_STORAGE_REQ_MAP_FD, struct.pack("=I", fd))
             for fd in map_fds)
         body += pack_attribute(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED, fds)
+    elif storages_nest is not None:
+        body += pack_attribute(INET_DIAG_REQ_SK_BPF_STORAGES | NLA_F_NESTED, storages_nest)
     header = NLMSG_HDR.pack(NLMSG_HDR.size + len(body), SOCK_DIAG_BY_FAMILY,
                             NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
     return header + body
@@ -266,6 +274,7 @@ def dump(
     meminfo: bool = False,
     sport: int | None = None,
     map_fds: Sequence[int] = (),
+    storages_nest: bytes | None = None,
 ) -> list[DiagRecord]:
     """Every socket of one family/protocol, optionally only those bound to `sport`.
 
@@ -274,7 +283,7 @@ def dump(
     """
     seq = 1
     request = pack_request(family, protocol, seq=seq, states=states, meminfo=meminfo,
-                           sport=sport, map_fds=map_fds)
+                           sport=sport, map_fds=map_fds, storages_nest=storages_nest)
     buffer = bytearray(_RECEIVE_BUFFER)
     records: list[DiagRecord] = []
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
@@ -296,7 +305,8 @@ def socket_cookie(sock: socket.socket) -> int:
 
 
 def socket_record(
-    sock: socket.socket, *, meminfo: bool = True, map_fds: Sequence[int] = ()
+    sock: socket.socket, *, meminfo: bool = True, map_fds: Sequence[int] = (),
+    storages_nest: bytes | None = None,
 ) -> DiagRecord:
     """This socket's own record, found by its local port and cookie; LookupError if absent.
 
@@ -308,7 +318,7 @@ def socket_record(
     sport = sock.getsockname()[1]
     cookie = socket_cookie(sock)
     for record in dump(sock.family, protocols[sock.type], meminfo=meminfo, sport=sport,
-                       map_fds=map_fds):
+                       map_fds=map_fds, storages_nest=storages_nest):
         if record.cookie == cookie:
             return record
     raise LookupError(f"sock_diag has no record of socket cookie {cookie} (port {sport})")
