@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 
 import pytest
 from bpfkit import btf, maps, probes, syscall
@@ -153,3 +154,71 @@ def test_value_with_spin_lock_is_accepted(closing):
     assert info.value_size == 16
     assert (info.btf_key_type_id, info.btf_value_type_id) == (key_id, value_id)
 
+
+
+# --- keys that pass every generic check and reach bpf_local_storage_map_check_btf ---------
+#
+# map_check_btf() in kernel/bpf/syscall.c only asks the key type for its size (4 here), so
+# each key below is refused by the sk storage check alone. The 4 bytes after the key's
+# btf_type are laid out to read as a 32-bit int encoding at offset 0 (the value 32), so
+# only the kind test can refuse the non-int keys: skipping it would read those bytes as
+# a perfectly good int.
+
+INT_LOOKALIKE = 32  # BTF_INT_BITS() == 32, BTF_INT_OFFSET() == 0
+
+
+def _builder_with_name_at_32() -> tuple[btf.BtfBuilder, str]:
+    """A builder whose next new string lands at string offset 32."""
+    builder = btf.BtfBuilder()
+    builder.string("p" * (INT_LOOKALIKE - 2))  # offsets 1..31 with its NUL
+    name = "k"
+    assert builder.string(name) == INT_LOOKALIKE
+    return builder, name
+
+
+def _key_variant(kind: str) -> tuple[bytes, int, int]:
+    """(blob, key id, value id): the same value type; only the 4-byte key type varies."""
+    builder, name_at_32 = _builder_with_name_at_32()
+    if kind == "int":
+        key_id = builder.add_int("int", 4, signed=True)
+    elif kind == "int-16-bits":
+        key_id = builder.add_int("int", 4, bits=16, signed=True)
+    elif kind == "int-24-bits-at-offset-8":
+        key_id = builder.add_int("int", 4, bits=24, bit_offset=8, signed=True)
+    elif kind == "struct":
+        u32 = builder.add_int("unsigned int", 4)
+        # The member's name_off (32) is the word right after the struct's btf_type.
+        key_id = builder.add_struct("key", 4, [btf.Member(name_at_32, u32)])
+    elif kind == "enum":
+        # The first enumerator's name_off (32) follows the btf_type.
+        key_id = builder.add_raw("key", btf.type_info(btf.BTF_KIND_ENUM, 1), 4,
+                                 struct.pack("<Ii", builder.string(name_at_32), 0))
+    elif kind == "float":
+        # FLOAT has no tail: the next type's name_off (32) follows it.
+        key_id = builder.add_raw("float", btf.type_info(btf.BTF_KIND_FLOAT), 4)
+        builder.add_int(name_at_32, 1)
+    else:
+        raise ValueError(kind)
+    value_id = value_struct(builder)
+    return builder.encode(), key_id, value_id
+
+
+def test_key_variants_control_int_is_accepted(closing):
+    """The control for the variants below: the same blob shape with an int key works."""
+    blob, key_id, value_id = _key_variant("int")
+    fd = closing(create_with(blob, key_id, value_id, closing))
+    assert maps.map_info(fd).btf_key_type_id == key_id
+
+
+@pytest.mark.parametrize("kind", ["struct", "enum", "float", "int-16-bits",
+                                  "int-24-bits-at-offset-8"])
+def test_four_byte_key_refused_by_the_storage_check(kind, closing):
+    """A 4-byte key that is not a full 32-bit int (struct, enum, float, narrow int) is EINVAL."""
+    blob, key_id, value_id = _key_variant(kind)
+    try:
+        os.close(btf.load_btf(blob))
+    except syscall.BpfError as err:
+        if kind == "float" and err.errno == errno.EINVAL:
+            pytest.skip("kernel lacks BTF_KIND_FLOAT (5.13+)")
+        raise
+    assert creation_errno(blob, key_id, value_id, closing) == errno.EINVAL

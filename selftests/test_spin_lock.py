@@ -287,3 +287,57 @@ def test_sock_diag_dump_zeroes_the_lock_slot(new_storage_map, socks):
         assert set(storages) == {locked_id}
         dumped.append(unpack_value(storages[locked_id]))
     assert [d for d in dumped if d != (0, [1, 2, 3])] == []
+
+
+# --- BPF_F_LOCK combined with NOEXIST/EXIST ----------------------------------------------
+
+def _update_errno(map_fd: int, sock: socket.socket, value: bytes, flags: int) -> int:
+    with pytest.raises(syscall.BpfError) as caught:
+        maps.update(map_fd, sock.fileno(), value, flags)
+    assert caught.value.command == "BPF_MAP_UPDATE_ELEM"
+    return caught.value.errno
+
+
+@pytest.mark.parametrize("neighbour", [False, True], ids=["alone", "with-other-map"])
+def test_noexist_with_f_lock_on_existing_is_eexist(neighbour, new_storage_map, socks):
+    """BPF_NOEXIST|BPF_F_LOCK on a value that exists is EEXIST; value and charge unchanged.
+
+    F_LOCK's in-place path is for updates that may replace; with NOEXIST the kernel must
+    still refuse, whether or not the socket holds values of other maps.
+    """
+    map_fd = new_storage_map(16, spin_lock=True)
+    sock = socks.bound(socket.AF_INET, socket.SOCK_DGRAM)
+    if neighbour:
+        maps.update(new_storage_map(16, spin_lock=True), sock.fileno(), pack_value(0, [9, 9, 9]))
+    maps.update(map_fd, sock.fileno(), pack_value(0, [1, 2, 3]), F_LOCK)
+    charged = sockdiag.socket_record(sock).optmem
+    assert _update_errno(map_fd, sock, pack_value(0, [4, 5, 6]),
+                         syscall.BPF_NOEXIST | F_LOCK) == errno.EEXIST
+    assert unpack_value(maps.lookup(map_fd, sock.fileno(), 16, F_LOCK)) == (0, [1, 2, 3])
+    assert sockdiag.socket_record(sock).optmem == charged
+
+
+@pytest.mark.parametrize("neighbour", [False, True], ids=["bare-socket", "with-other-map"])
+def test_exist_with_f_lock_on_missing_is_enoent(neighbour, new_storage_map, socks):
+    """BPF_EXIST|BPF_F_LOCK where this map has no value is ENOENT and creates nothing."""
+    map_fd = new_storage_map(16, spin_lock=True)
+    sock = socks.bound(socket.AF_INET, socket.SOCK_DGRAM)
+    if neighbour:
+        maps.update(new_storage_map(16, spin_lock=True), sock.fileno(), pack_value(0, [9, 9, 9]))
+    charged = sockdiag.socket_record(sock).optmem
+    assert _update_errno(map_fd, sock, pack_value(0, [4, 5, 6]),
+                         syscall.BPF_EXIST | F_LOCK) == errno.ENOENT
+    with pytest.raises(syscall.BpfError) as caught:
+        maps.lookup(map_fd, sock.fileno(), 16, F_LOCK)
+    assert caught.value.errno == errno.ENOENT
+    assert sockdiag.socket_record(sock).optmem == charged
+
+
+def test_any_with_f_lock_creates_beside_another_map(new_storage_map, socks):
+    """BPF_ANY|BPF_F_LOCK where only another map has a value creates this map's value."""
+    map_fd, other = new_storage_map(16, spin_lock=True), new_storage_map(16, spin_lock=True)
+    sock = socks.bound(socket.AF_INET, socket.SOCK_DGRAM)
+    maps.update(other, sock.fileno(), pack_value(0, [9, 9, 9]), F_LOCK)
+    maps.update(map_fd, sock.fileno(), pack_value(0, [1, 2, 3]), F_LOCK)
+    assert unpack_value(maps.lookup(map_fd, sock.fileno(), 16, F_LOCK)) == (0, [1, 2, 3])
+    assert unpack_value(maps.lookup(other, sock.fileno(), 16, F_LOCK)) == (0, [9, 9, 9])
