@@ -1,8 +1,11 @@
-"""Suite-wide plumbing: one skip reason when the suite cannot run, shared fixtures, log guard.
+"""Suite-wide plumbing: skip reasons that state why, known kernel bugs, fixtures, log guard.
 
-The kernel-log guard reads /dev/kmsg after every phase of every test and fails that phase
-when the kernel logged a splat (oops, BUG, WARNING, KASAN, lockdep, RCU stall, ...) since
-the previous check, quoting the report.
+Every skip the suite gives opens with its category ([older kernel], [kernel config],
+[environment], [not root]; see bpfkit/probes.py); a feature the running kernel must have
+but refuses fails instead. Known kernel bugs (expectations/known_bugs.json) become strict
+expected failures on the kernels they affect. The kernel-log guard reads /dev/kmsg after
+every phase of every test and fails that phase when the kernel logged a splat (oops, BUG,
+WARNING, KASAN, lockdep, RCU stall, ...) since the previous check, quoting the report.
 """
 
 from __future__ import annotations
@@ -11,27 +14,44 @@ import os
 import resource
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from bpfkit import btf, cgroup, kmsg, maps, probes, sockets, splats, syscall
+from bpfkit import btf, cgroup, kernel, kmsg, known_bugs, maps, probes, sockets, splats, syscall
 
 NEEDS_ROOT = (
-    "the sk storage selftests need root (bpf(2) with CAP_BPF/CAP_SYS_ADMIN, /dev/kmsg, "
+    f"{probes.NOT_ROOT} the sk storage selftests need root (bpf(2) with CAP_BPF/CAP_SYS_ADMIN, /dev/kmsg, "
     "cgroup2): run them as root"
 )
 
 
+CORE_FEATURES = ("bpf_syscall", "btf_load", "sk_storage_map")
+
+
 def suite_unavailable_reason() -> str | None:
-    """Why nothing in the suite can run here, or None when it can."""
+    """Why nothing in the suite can run here (a stated skip reason), or None when it can.
+
+    A kernel that must have sk storage but refuses it is not a reason to skip: every
+    test then fails through the `core_features` fixture, naming the feature and errno.
+    """
     if os.geteuid() != 0:
         return NEEDS_ROOT
-    try:
-        for feature in ("bpf_syscall", "btf_load", "sk_storage_map"):
-            if not probes.has(feature):
-                return probes.missing_reason(feature)
-    except syscall.BpfError as err:
-        return f"bpf(2) is refused here ({err.command}: {err.errno_name}); check lockdown/LSM"
+    for feature in CORE_FEATURES:
+        probe = probes.status(feature)
+        if probe.present:
+            continue
+        action, message = probes.judge_missing(feature, probe, kernel.running(), kernel.config())
+        if action == "skip":
+            return message
+        return None
     return None
+
+
+@pytest.fixture(autouse=True)
+def core_features() -> None:
+    """Every test needs bpf(2), BTF and sk storage maps: fail (or skip) it with the reason."""
+    for feature in CORE_FEATURES:
+        probes.require(feature)
 
 
 def lift_memlock_limit() -> None:
@@ -54,14 +74,70 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         lift_memlock_limit()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    """--kernel-backports: known-bug fixes the kernel carries as patches (the runner passes them)."""
+    parser.addoption(
+        "--kernel-backports", default=os.environ.get("SK_STORAGE_BACKPORTS", ""),
+        help="comma-separated upstream commit ids of known-bug fixes the running kernel "
+             "carries as patches (default: $SK_STORAGE_BACKPORTS); their tests are expected "
+             "to pass")
+    parser.addoption(
+        "--known-bugs", default=str(known_bugs.REGISTRY_FILE),
+        help="the known-bug registry (default: selftests/expectations/known_bugs.json)")
+
+
+def known_bug_marker(bug: known_bugs.KnownBug) -> pytest.MarkDecorator:
+    """A strict xfail that says what to do when the test starts passing."""
+    where = bug.fix or "the entry"
+    return pytest.mark.xfail(
+        strict=True,
+        reason=(f"known bug, {bug.fixed_by}; if this test passes, the kernel is fixed: "
+                f"update or retire {where} in selftests/expectations/known_bugs.json"))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip every test for one stated reason when the suite cannot run at all."""
+    """Skip everything for one stated reason when the suite cannot run; mark known bugs."""
     reason = suite_unavailable_reason()
-    if reason is None:
+    if reason is not None:
+        marker = pytest.mark.skip(reason=reason)
+        for item in items:
+            item.add_marker(marker)
         return
-    marker = pytest.mark.skip(reason=reason)
+    try:
+        backports = known_bugs.parse_backports(config.getoption("--kernel-backports"))
+    except ValueError as err:
+        raise pytest.UsageError(f"--kernel-backports: {err}") from None
+    bugs = known_bugs.load_registry(Path(config.getoption("--known-bugs")))
+    identity, heap_init = kernel.running(), kernel.heap_init_on_alloc()
     for item in items:
-        item.add_marker(marker)
+        bug = known_bugs.bug_for(item.nodeid, bugs, identity, backports, heap_init)
+        if bug is not None:
+            item.add_marker(known_bug_marker(bug))
+            item.stash[_KNOWN_BUG] = bug
+
+
+_KNOWN_BUG = pytest.StashKey[known_bugs.KnownBug]()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """An expected failure must fail the way its known bug does; anything else is a failure."""
+    outcome = yield
+    report = outcome.get_result()
+    bug = item.stash.get(_KNOWN_BUG, None)
+    if bug is None or not hasattr(report, "wasxfail") or not report.skipped:
+        return
+    if call.excinfo is None:
+        return
+    failure = f"{call.excinfo.typename}: {call.excinfo.value}"
+    if bug.explains(failure):
+        report.wasxfail = f"{report.wasxfail} | failed as expected: {failure.splitlines()[0]}"
+        return
+    report.outcome = "failed"
+    del report.wasxfail
+    report.longrepr = (
+        f"failed, but not the way known bug {bug.fix or bug.subject} fails "
+        f"(expected /{bug.fails_with}/):\n{item.repr_failure(call.excinfo)}")
 
 
 # --- kernel-log guard -----------------------------------------------------------------
@@ -107,17 +183,32 @@ def _skipped(outcome) -> bool:
     return excinfo is not None and issubclass(excinfo[0], pytest.skip.Exception)
 
 
+def _force(outcome, exception: BaseException) -> None:
+    """Replace a hook phase's outcome with `exception`."""
+    if hasattr(outcome, "force_exception"):
+        outcome.force_exception(exception)
+    else:  # pluggy < 1.1: an exception raised by the wrapper becomes the phase's outcome
+        raise exception
+
+
+def _policy_refusal_as_skip(outcome) -> None:
+    """Root's EPERM from a host policy is an environment skip, stated, not a test failure."""
+    excinfo = outcome.excinfo
+    if excinfo is not None and issubclass(excinfo[0], syscall.PolicyRefused):
+        err = excinfo[1]
+        _force(outcome, pytest.skip.Exception(
+            f"{probes.ENVIRONMENT} this host refused {err.command} to root with "
+            f"{err.errno_name}: lockdown, an LSM or a sandbox policy", _use_item_location=True))
+
+
 def _check_kernel_log(outcome, phase: str) -> None:
+    _policy_refusal_as_skip(outcome)
     if _skipped(outcome):
         return
     message = _guard.problem()
     if message is None:
         return
-    failure = pytest.fail.Exception(f"kernel log guard ({phase}): {message}", pytrace=False)
-    if hasattr(outcome, "force_exception"):
-        outcome.force_exception(failure)
-    else:  # pluggy < 1.1: an exception raised by the wrapper becomes the phase's outcome
-        raise failure
+    _force(outcome, pytest.fail.Exception(f"kernel log guard ({phase}): {message}", pytrace=False))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -179,7 +179,8 @@ def test_unprivileged_bad_attributes_are_einval_before_eperm(value_btf, attrs):
     """With unprivileged bpf(2) allowed, attribute checks come before the capability check."""
     setting = sysctl.read(UNPRIVILEGED_SYSCTL)
     if setting == "1":
-        pytest.skip(f"{UNPRIVILEGED_SYSCTL}=1 locks unprivileged callers out until reboot")
+        pytest.skip(f"{probes.ENVIRONMENT} {UNPRIVILEGED_SYSCTL}=1 locks unprivileged "
+                    "callers out until reboot")
     # 2 means "disabled, but root may re-enable": open it for this test only.
     with sysctl.temporarily(UNPRIVILEGED_SYSCTL, 0):
         bad = child.run_in_child(_create_unprivileged(value_btf, **attrs), 10, unprivileged=True)

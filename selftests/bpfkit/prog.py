@@ -57,7 +57,8 @@ def load_program(
         else:
             os.close(fd)
         text = log.value.decode(errors="replace").strip()
-        raise syscall.BpfError(
+        error = syscall.PolicyRefused if syscall.refused_by_policy(first) else syscall.BpfError
+        raise error(
             first.errno, first.command, "verifier log:\n" + (text or "(empty)")
         ) from None
 

@@ -326,6 +326,17 @@ class BpfError(OSError):
         return text
 
 
+class PolicyRefused(BpfError):
+    """EPERM to a caller with every capability: a host policy (lockdown, an LSM, a sandbox)
+    vetoed the command, not the feature under test. The suite reports it as an
+    environment skip; the runner's guests have no such policy, so there it fails."""
+
+
+def refused_by_policy(err: BpfError) -> bool:
+    """Whether `err` is EPERM although this process is root (CAP_SYS_ADMIN and CAP_BPF)."""
+    return err.errno == errno_mod.EPERM and os.geteuid() == 0
+
+
 def errno_name(err: int) -> str:
     """Symbolic name of an errno value, including the kernel-internal ENOTSUPP."""
     return _ERRNO_NAMES.get(err, str(err))

@@ -21,9 +21,9 @@ BPF_TRACE_FEXIT = 25
 
 # What a kernel without usable trampolines answers: EINVAL for an unknown attach type
 # (< 5.5), ENOTSUPP/EOPNOTSUPP when the JIT, ftrace or the architecture cannot build a
-# trampoline, and EPERM (to root) when an LSM refuses the program before the verifier
-# sees it (seen on a 6.18 host whose BPF LSM denies fentry/fexit, empty verifier log).
-UNSUPPORTED_ERRNOS = (errno.EINVAL, errno.EOPNOTSUPP, syscall.ENOTSUPP, errno.EPERM)
+# trampoline. EPERM to root is a host policy (lockdown, an LSM: seen on a 6.18 host, empty
+# verifier log) and surfaces as syscall.PolicyRefused, judged as an environment skip.
+UNSUPPORTED_ERRNOS = (errno.EINVAL, errno.EOPNOTSUPP, syscall.ENOTSUPP)
 
 
 class RawTracepointOpenAttr(ctypes.Structure):
@@ -46,7 +46,12 @@ def load(insns: bytes, target: str, attach_type: int = BPF_TRACE_FEXIT, name: st
 
 def attach(prog_fd: int) -> int:
     """Attach a loaded fentry/fexit program to its target; close the returned fd to detach."""
-    return syscall.bpf(BPF_RAW_TRACEPOINT_OPEN, RawTracepointOpenAttr(name=0, prog_fd=prog_fd))
+    try:
+        return syscall.bpf(BPF_RAW_TRACEPOINT_OPEN, RawTracepointOpenAttr(name=0, prog_fd=prog_fd))
+    except syscall.BpfError as err:
+        if syscall.refused_by_policy(err):
+            raise syscall.PolicyRefused(err.errno, err.command, "attaching a trampoline") from None
+        raise
 
 
 def trampolines_work(target: str) -> bool:
@@ -55,12 +60,16 @@ def trampolines_work(target: str) -> bool:
         prog_fd = load(asm.assemble([asm.mov64_imm(asm.R0, 0), asm.exit_insn()]), target)
     except LookupError:
         return False
+    except syscall.PolicyRefused:
+        raise
     except syscall.BpfError as err:
         if err.errno in UNSUPPORTED_ERRNOS:
             return False
         raise
     try:
         link_fd = attach(prog_fd)
+    except syscall.PolicyRefused:
+        raise
     except syscall.BpfError as err:
         if err.errno in UNSUPPORTED_ERRNOS:
             return False
