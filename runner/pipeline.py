@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,13 +35,15 @@ from runner import (
     source,
 )
 from runner.cache import Cache, open_cache
-from runner.errors import ExitCode, RunnerError, UsageError
+from runner.errors import ExitCode, Interrupted, RunnerError, UsageError, machine_state_error
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SUITE = REPO_ROOT / "selftests"
 DEFAULT_SERIES = REPO_ROOT / "kernel_patches" / "series"
 DEFAULT_FRAGMENTS = (REPO_ROOT / "kconfig" / "sk-storage.config",)
 DEFAULT_MARKERS = "not stress"
+# Where a run keeps the traceback of an exception that escaped the runner (a bug).
+RUNNER_TRACEBACK = "runner-traceback.txt"
 
 
 @dataclass
@@ -120,6 +123,23 @@ def validate(options: RunOptions) -> None:
                              f"{', '.join(local)}")
     if options.keep and options.shell:
         raise UsageError("--keep and --shell exclude each other; pick one")
+
+
+def guest_paths(options: RunOptions) -> list[preflight.GuestPath]:
+    """What the guest must see of the host: the suite, the interpreter and its venv, the output."""
+    elsewhere = "(e.g. under /srv, /tmp or your home directory)"
+    install = f"clone and install the project elsewhere {elsewhere} and run its .venv"
+    if options.output is not None:
+        output = preflight.GuestPath("--output", Path(options.output),
+                                     f"pass an --output directory elsewhere {elsewhere}")
+    else:
+        output = preflight.GuestPath("the default output directory", Path.cwd() / "runs",
+                                     f"run from another directory or pass --output {elsewhere}")
+    return [preflight.GuestPath("the suite (--suite)", Path(options.suite),
+                                f"move it or the checkout elsewhere {elsewhere}"),
+            preflight.GuestPath("the Python interpreter", Path(sys.executable), install),
+            preflight.GuestPath("the Python environment", Path(sys.prefix), install),
+            output]
 
 
 def requirements(options: RunOptions, user_source: source.KernelSource | None,
@@ -234,6 +254,19 @@ def obtain_kernel(options: RunOptions, user_source: source.KernelSource | None,
                         {"modules_dir": str(kernel.modules_dir) if kernel.modules_dir else None})
 
 
+def known_bug_backports(series_summary: dict | None) -> list[str]:
+    """Known-bug fixes (selftests/expectations/known_bugs.json) that an applied patch names.
+
+    The built kernel carries them, so the suite must expect their tests to pass
+    (kernel_patches/0002 carries b5c111f4967b into the default 6.1 kernel).
+    """
+    from bpfkit import known_bugs
+
+    texts = [Path(entry["path"]).read_text(encoding="utf-8", errors="replace")
+             for entry in (series_summary or {}).get("entries", []) if entry.get("path")]
+    return sorted(known_bugs.fixes_named_in(texts, known_bugs.load_registry()))
+
+
 def boot_and_record(kernel: KernelToBoot, out: Path, command: str, plan: accel.AccelPlan,
                     options: RunOptions, cache: Cache, summary: dict,
                     log: Callable[[str], None]) -> boot.BootOutcome:
@@ -264,16 +297,22 @@ def boot_and_record(kernel: KernelToBoot, out: Path, command: str, plan: accel.A
     return outcome
 
 
-def judge_output_dir(out: Path, boot_status: str) -> tuple:
-    """Stage 6 on saved files: (verdict, tests, splats) from junit.xml, exit file, console.log."""
+def read_console(out: Path) -> str:
+    """console.log without the pty's carriage returns ("" when absent)."""
     console = out / artifacts.CONSOLE_LOG
-    text = ""
-    if console.exists():
-        # A pty turns each newline into CR LF (or CR CR LF).  Read without newline
-        # translation and drop the CRs: excerpts get no blank lines and line
-        # numbers stay those of console.log.
-        with open(console, encoding="utf-8", errors="replace", newline="") as stream:
-            text = stream.read().replace("\r", "")
+    if not console.exists():
+        return ""
+    # A pty turns each newline into CR LF (or CR CR LF).  Read without newline
+    # translation and drop the CRs: excerpts get no blank lines and line
+    # numbers stay those of console.log.
+    with open(console, encoding="utf-8", errors="replace", newline="") as stream:
+        return stream.read().replace("\r", "")
+
+
+def judge_output_dir(out: Path, boot_status: str, target: str = results.TARGET_VM) -> tuple:
+    """Stage 6 on saved files: (verdict, tests, splats, pytest exit) from junit.xml, exit file,
+    console.log; target ("vm" or "ssh") decides which skips are acceptable."""
+    text = read_console(out)
     splats = results.find_console_splats(text)
     tests, problem = None, None
     try:
@@ -283,14 +322,56 @@ def judge_output_dir(out: Path, boot_status: str) -> tuple:
     except ValueError as exc:
         problem = str(exc)
     pytest_exit = results.read_exit_code(out / boot.PYTEST_EXIT_FILE)
-    verdict = results.judge(boot_status, pytest_exit, tests, splats, problem)
+    verdict = results.judge(boot_status, pytest_exit, tests, splats, problem, target=target,
+                            console=text)
     return verdict, tests, splats, pytest_exit
 
 
+def target_kind(summary: dict) -> str:
+    """"ssh" or "vm" as a saved summary.json records it; older summaries: "target" means SSH."""
+    kind = summary.get("target_kind")
+    if kind in results.TARGETS:
+        return kind
+    return results.TARGET_SSH if summary.get("target") else results.TARGET_VM
+
+
+def record_verdict(summary: dict, verdict: results.Verdict, tests, splats,
+                   pytest_exit: int | None) -> None:
+    """Counts per outcome, skip reasons, splats and the verdict into summary.json's dict."""
+    summary["pytest_exit"] = pytest_exit
+    summary["tests"] = [t.__dict__ for t in tests or []]
+    summary["counts"] = results.counts(tests or [])
+    summary["skip_reasons"] = results.skip_reasons(tests or [])
+    summary["splats"] = [{"kind": s.kind, "line": s.line, "excerpt": s.excerpt}
+                         for s in splats]
+    summary.update(verdict=verdict.label, reason=verdict.reason, tally=verdict.tally,
+                   exit_code=int(verdict.exit_code))
+
+
+def record_runner_bug(out: Path, summary: dict, log: Callable[[str], None]) -> None:
+    """An exception escaped the runner: its traceback into the run's log and a file, exit 8.
+
+    Call from an `except` block.  The exception is marked so the CLI does not print it twice.
+    """
+    error = sys.exc_info()[1]
+    text = traceback.format_exc()
+    (out / RUNNER_TRACEBACK).write_text(text)
+    for line in text.rstrip("\n").splitlines():
+        log(line)
+    summary.update(verdict="runner bug", reason=f"{type(error).__name__}: {error}",
+                   exit_code=int(ExitCode.RUNNER_BUG), traceback=RUNNER_TRACEBACK)
+    if error is not None:
+        error.runner_traceback = str(out / RUNNER_TRACEBACK)  # type: ignore[attr-defined]
+
+
 def report(verdict: results.Verdict, tests, splats, log: Callable[[str], None]) -> None:
-    """Per-test table, splat excerpts, then the one verdict line."""
+    """Per-test table, distinct skip reasons, splat excerpts, then the one verdict line."""
     log("")
     log(results.format_table(tests or []))
+    reasons = results.format_skip_reasons(tests or [])
+    if reasons:
+        log("skip reasons:")
+        log(reasons)
     if splats:
         log("kernel splats:")
         log(results.format_splats(splats))
@@ -326,18 +407,23 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
     if options.stop:
         return keep.stop(open_cache(options.cache_dir), log)
     validate(options)
-    out = artifacts.prepare_output_dir(options.output)
-    log(f"output: {out}")
+    if not options.target and not options.shell:
+        # Under a second, before any build: a path the guest cannot see would
+        # otherwise surface as a "crash" after the whole build.
+        preflight.check_guest_visible(guest_paths(options))
     cache = open_cache(options.cache_dir)
     user_source = image = None
     if not options.target:
-        # Inputs are checked before tools, so a typo is reported as itself.
+        # Inputs are checked before tools, so a typo is reported as itself; both
+        # before the output directory exists, so a usage error leaves no empty run.
         user_source = (source.open_user_source(options.kernel_src) if options.kernel_src
                        else None)
         image = (prebuilt.open_kernel_image(options.kernel_image, options.modules, cache)
                  if options.kernel_image else None)
         preflight.check(requirements(options, user_source, cache)
                         + (list(keep.KEEP_TOOLS) if options.keep else []))
+    out = artifacts.prepare_output_dir(options.output)
+    log(f"output: {out}")
 
     timings: dict = {}
     summary: dict = {
@@ -350,6 +436,8 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
         "timings": timings,
         "selection": {"keyword": options.keyword, "markers": options.markers,
                       "suite": str(options.suite)},
+        # Which skips are acceptable depends on it; `parse` re-judges with the same rule.
+        "target_kind": results.TARGET_SSH if options.target else results.TARGET_VM,
     }
     try:
         if options.target:
@@ -372,33 +460,39 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
                     log(line)
                 return 0
 
-            command = boot.guest_test_command(sys.executable, Path(options.suite).resolve(), out,
-                                              options.markers, options.keyword)
+            backports = known_bug_backports(summary.get("series"))
+            summary["kernel"]["backported_fixes"] = backports
+            command = boot.guest_test_command(
+                sys.executable, Path(options.suite).resolve(), out, options.markers,
+                options.keyword,
+                extra_args=[f"--kernel-backports={','.join(backports)}"] if backports else ())
             if options.debug_kernel:
                 command = debug_kernel.prepare_guest(command, sys.executable, out)
             outcome = boot_and_record(kernel, out, command, plan, options, cache, summary, log)
             status, declared_release = outcome.status, kernel.release
 
-        verdict, tests, splats, pytest_exit = judge_output_dir(out, status)
+        verdict, tests, splats, pytest_exit = judge_output_dir(out, status,
+                                                               summary["target_kind"])
         if options.debug_kernel:
             verdict = debug_kernel.judge(out, verdict, summary, log)
         summary["kernel"]["release"] = kernel_release(out, declared_release)
-        summary["pytest_exit"] = pytest_exit
-        summary["tests"] = [t.__dict__ for t in tests or []]
-        summary["counts"] = results.counts(tests or [])
-        summary["splats"] = [{"kind": s.kind, "line": s.line, "excerpt": s.excerpt}
-                             for s in splats]
-        summary.update(verdict=verdict.label, reason=verdict.reason,
-                       exit_code=int(verdict.exit_code))
+        record_verdict(summary, verdict, tests, splats, pytest_exit)
         report(verdict, tests, splats, log)
         return int(verdict.exit_code)
     except RunnerError as error:
         summary.update(verdict="error", reason=error.message, exit_code=int(error.exit_code))
         raise
-    except BaseException:
+    except (KeyboardInterrupt, Interrupted):
         summary.update(verdict="interrupted", reason="interrupted",
                        exit_code=int(ExitCode.INTERRUPTED))
         raise
+    except Exception as error:
+        known = machine_state_error(error) if isinstance(error, OSError) else None
+        if known is None:
+            record_runner_bug(out, summary, log)
+            raise
+        summary.update(verdict="error", reason=known.message, exit_code=int(known.exit_code))
+        raise known from error
     finally:
         timings["total"] = round(time.monotonic() - run_started, 2)
         summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

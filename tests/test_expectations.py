@@ -210,3 +210,12 @@ def test_known_bugs_are_strict_expected_failures(tmp_path):
          "--kernel-backports=0123456789ab", "test_fake.py::test_fixed_kernel_passes"],
         cwd=suite, capture_output=True, text=True)
     assert run.returncode == 0 and "1 passed" in run.stdout, run.stdout
+
+
+def test_the_runner_passes_the_default_series_backports_to_the_guest():
+    from runner import pipeline
+
+    series = pipeline.patches.load_series(pipeline.DEFAULT_SERIES)
+    entries = [{"path": str(entry.path)} for entry in series.entries]
+    assert pipeline.known_bug_backports({"entries": entries}) == ["b5c111f4967b"]
+    assert pipeline.known_bug_backports(None) == []
