@@ -1,9 +1,10 @@
 """`--target ssh://[user@]host[:port]`: run the suite on another machine and bring the results home.
 
-A run costs three remote shells: a probe (python3, pytest, uid, sudo, a fresh
-temporary directory), one SFTP session, and the driver (runner.remote_driver),
-which unpacks the bundle, runs pytest as root and reads the kernel log from
-the moment the run started.  Output streams back live; the pytest exit status
+A run costs a probe (python3, pytest, uid, sudo, a fresh temporary directory),
+a push and a fetch (runner.remote_transfer: SFTP, or the exec channel when the
+target's server has no SFTP), and the driver (runner.remote_driver), which
+unpacks the bundle, runs pytest as root and reads the kernel log from the
+moment the run started.  Output streams back live; the pytest exit status
 travels on the SSH exit-status channel and in status.json, never parsed from
 the output.  The output directory then holds the same files a VM run leaves
 (console.log, junit.xml, pytest-exitcode, guest-kernel-release), so the
@@ -19,7 +20,6 @@ import json
 import select
 import shlex
 import socket
-import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -29,7 +29,7 @@ from typing import TextIO
 
 import paramiko
 
-from runner import artifacts, boot, keep, remote_bundle, remote_driver, ssh
+from runner import artifacts, boot, keep, remote_bundle, remote_driver, remote_transfer, ssh
 from runner.cache import Cache
 from runner.errors import InfrastructureError, UsageError
 
@@ -176,8 +176,12 @@ def with_kept_guest_defaults(options: RemoteOptions, cache: Cache | None,
 def pytest_arguments(suite_name: str, workdir: str, markers: str | None,
                      keyword: str | None) -> list[str]:
     """pytest's arguments on the target: the same selection and reports as in a VM run."""
+    # As boot.guest_test_command's pytest argv, plus the target's own paths.
     args = [suite_name, f"--junitxml={workdir}/{boot.JUNIT_FILE}", "-p", "no:cacheprovider",
-            "-v", "-rfEs"]
+            "-v", "-rfEs",
+            # console.log is read by people and regexes: no ANSI colour codes,
+            # whatever TERM the target's shell has.
+            "--color=no"]
     if markers:
         args += ["-m", markers]
     if keyword:
@@ -323,29 +327,14 @@ def stream_run(channel: paramiko.Channel, console: _Console, deadline: float,
                               "(killed by a signal?); see console.log")
 
 
-def _pull(sftp: paramiko.SFTPClient, remote: str, local: Path) -> bool:
-    try:
-        sftp.get(remote, str(local))
-        return True
-    except FileNotFoundError:
-        # sftp.get creates the local file before it learns the remote one is missing.
-        local.unlink(missing_ok=True)
-        return False
+def _transfer_error(link_ok: bool, message: str) -> InfrastructureError:
+    """A failed SFTP push or fetch: a dropped link, or the target refusing the file."""
+    return remote_transfer.TransferFailed(message) if link_ok else ssh.ConnectionDropped(message)
 
 
-def _remove_workdir(client: paramiko.SSHClient, sftp: paramiko.SFTPClient | None,
-                    workdir: str, sudo: bool, log: Callable[[str], None]) -> None:
-    """Remove the temporary directory; over SFTP when possible, else with a shell."""
-    try:
-        if sftp is not None:
-            for entry in sftp.listdir_attr(workdir):
-                if stat.S_ISDIR(entry.st_mode or 0):
-                    raise OSError("a directory remains")
-                sftp.remove(f"{workdir}/{entry.filename}")
-            sftp.rmdir(workdir)
-            return
-    except (OSError, paramiko.SSHException):
-        pass
+def _remove_workdir(client: paramiko.SSHClient, workdir: str, sudo: bool,
+                    log: Callable[[str], None]) -> None:
+    """Remove the temporary directory (as root when sudo ran the driver, whatever it left)."""
     try:
         command = (["sudo", "-n"] if sudo else []) + ["rm", "-rf", "--", workdir]
         status, _, err = _quiet_command(client, shlex.join(command), PROBE_TIMEOUT)
@@ -376,7 +365,7 @@ def run_on_target(options: RemoteOptions, suite: Path, out: Path, markers: str |
     client = ssh.connect(endpoint, options.known_hosts, options.accept_new_host_key,
                          options.use_agent, options.use_default_keys, log=log)
     facts_out: dict = {"url": target.url(), "endpoint": endpoint.describe()}
-    sftp = None
+    transfer = None
     facts = None
     link_ok = True  # cleanup on a dead or silent link would only hang
     # Until the driver has exited, the work directory is in use: an interrupted
@@ -401,17 +390,18 @@ def run_on_target(options: RemoteOptions, suite: Path, out: Path, markers: str |
             f"{facts_out['python_version']}, pytest {facts_out['pytest']}{pushed}")
         workdir = facts.workdir
         try:
-            sftp = client.open_sftp()
-            sftp.get_channel().settimeout(PROBE_TIMEOUT)
-            with sftp.open(f"{workdir}/{remote_driver.BUNDLE}", "wb") as remote_file:
-                remote_file.set_pipelined(True)
-                remote_file.write(bundle)
-            sftp.put(remote_driver.__file__, f"{workdir}/remote_driver.py")
-        except (OSError, paramiko.SSHException, EOFError) as exc:
+            transfer = remote_transfer.open_transfer(client, facts.python, PROBE_TIMEOUT, log)
+            facts_out["transfer"] = transfer.name
+            transfer.put({remote_driver.BUNDLE: bundle,
+                          "remote_driver.py": Path(remote_driver.__file__).read_bytes()}, workdir)
+        except ssh.ConnectionDropped:
             link_ok = False
-            raise ssh.ConnectionDropped(f"pushing the suite to {workdir} on the target failed "
-                                        f"({exc})") from None
-        log(f"remote: pushed {len(bundle) // 1024} KiB to {workdir}")
+            raise
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            link_ok = client.get_transport().is_active()
+            raise _transfer_error(link_ok, f"pushing the suite to {workdir} on the target "
+                                           f"failed ({exc})") from None
+        log(f"remote: pushed {len(bundle) // 1024} KiB to {workdir} over {transfer.name}")
 
         marker = uuid.uuid4().hex[:12]
         command = (["sudo", "-n"] if facts.uid != 0 else []) + [
@@ -445,19 +435,22 @@ def run_on_target(options: RemoteOptions, suite: Path, out: Path, markers: str |
                     f"partial output is in {out / artifacts.CONSOLE_LOG}") from None
 
             try:
-                state_file = out / remote_driver.STATUS
-                got_status = _pull(sftp, f"{workdir}/{remote_driver.STATUS}", state_file)
-                _pull(sftp, f"{workdir}/{boot.JUNIT_FILE}", out / boot.JUNIT_FILE)
-                kernel_log = out / remote_driver.KERNEL_LOG
-                got_log = _pull(sftp, f"{workdir}/{remote_driver.KERNEL_LOG}", kernel_log)
-            except (OSError, paramiko.SSHException, EOFError) as exc:
+                fetched = transfer.get([remote_driver.STATUS, boot.JUNIT_FILE,
+                                        remote_driver.KERNEL_LOG], workdir)
+            except ssh.ConnectionDropped as exc:
                 link_ok = False
-                raise ssh.ConnectionDropped(f"fetching the results from {workdir} failed ({exc}); "
-                                            "the output so far is in console.log") from None
-            state = json.loads(state_file.read_text()) if got_status else {}
-            state_file.unlink(missing_ok=True)
-            kernel_text = kernel_log.read_text(errors="replace") if got_log else ""
-            kernel_log.unlink(missing_ok=True)
+                raise ssh.ConnectionDropped(f"{exc.message}; the output so far is in "
+                                            "console.log") from None
+            except (OSError, paramiko.SSHException, EOFError) as exc:
+                link_ok = client.get_transport().is_active()
+                raise _transfer_error(link_ok, f"fetching the results from {workdir} failed "
+                                               f"({exc}); the output so far is in console.log") \
+                    from None
+            got_status = remote_driver.STATUS in fetched
+            state = json.loads(fetched[remote_driver.STATUS]) if got_status else {}
+            if boot.JUNIT_FILE in fetched:
+                (out / boot.JUNIT_FILE).write_bytes(fetched[boot.JUNIT_FILE])
+            kernel_text = fetched.get(remote_driver.KERNEL_LOG, b"").decode("utf-8", "replace")
             console.file.write("### kernel log of the target since the run started "
                                f"({len(kernel_text.splitlines())} lines)\n{kernel_text}")
             if state.get("kernel_log_lost"):
@@ -483,9 +476,9 @@ def run_on_target(options: RemoteOptions, suite: Path, out: Path, markers: str |
         if facts is not None and facts.workdir:
             if link_ok and not driver_running and transport is not None \
                     and transport.is_active():
-                _remove_workdir(client, sftp, facts.workdir, facts.uid != 0, log)
+                _remove_workdir(client, facts.workdir, facts.uid != 0, log)
             elif link_ok:  # a dropped link already says so in its error
                 log(f"remote: {facts.workdir} is left on the target")
-        if sftp is not None:
-            sftp.close()
+        if transfer is not None:
+            transfer.close()
         client.close()

@@ -216,8 +216,12 @@ def main(argv: list | None = None) -> int:
         traceback.print_exc(file=sys.stdout)
         exit_status = DRIVER_FAILED
     finally:
-        with open(os.path.join(workdir, STATUS), "w") as out:
+        # Written whole and renamed into place, so whoever sees status.json
+        # (the host, a test watching the directory) reads all of it.
+        partial = os.path.join(workdir, STATUS + ".partial")
+        with open(partial, "w") as out:
             json.dump(status, out)
+        os.replace(partial, os.path.join(workdir, STATUS))
         finish(workdir, unpacked)
     return exit_status
 

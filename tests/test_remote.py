@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -23,12 +25,13 @@ from pathlib import Path
 
 import pytest
 
-from runner import cli, pipeline, remote, results, ssh
+from runner import cli, pipeline, remote, remote_transfer, results, ssh
 from runner.errors import ExitCode, RunnerError
 
 REPO = Path(__file__).resolve().parent.parent
 SUITE = REPO / "selftests"
 SLOW_SUITE = Path(__file__).parent / "fixtures" / "ssh" / "slow-suite"
+BUSY = "slow-suite: busy"  # what SLOW_SUITE's test prints once it runs
 SSHD = Path("/usr/sbin/sshd")
 SMALL_SELECTION = "map_create and (canonical or e2big or clone)"
 
@@ -98,21 +101,25 @@ def fingerprint(public_key: Path) -> str:
     return out.split()[1]
 
 
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory) -> SshServer:
-    directory = tmp_path_factory.mktemp("sshd")
+def start_sshd(directory: Path, sftp: bool = True, pam: bool = False) -> SshServer:
+    """sshd on a free port of 127.0.0.1, with or without the sftp subsystem.
+
+    Without PAM, sshd refuses accounts whose password is locked ("!"), as
+    service accounts' are; pam lets such a login in with a key.
+    """
     host_key = keygen(directory / "host_key")
     client_key = keygen(directory / "client_key")
     authorized = directory / "authorized_keys"
     authorized.write_text(client_key.with_suffix(".pub").read_text())
+    authorized.chmod(0o644)  # sshd reads it as the login user, who need not be root
     port = free_port()
     config = directory / "sshd_config"
     config.write_text("\n".join([
         f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {host_key}",
         f"AuthorizedKeysFile {authorized}", f"PidFile {directory / 'sshd.pid'}",
-        "UsePAM no", "StrictModes no", "PermitRootLogin prohibit-password",
+        f"UsePAM {'yes' if pam else 'no'}", "StrictModes no", "PermitRootLogin prohibit-password",
         "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-        "Subsystem sftp internal-sftp", "LogLevel VERBOSE", "",
+        *(["Subsystem sftp internal-sftp"] if sftp else []), "LogLevel VERBOSE", "",
     ]))
     # sshd refuses to start without its privilege separation directory.
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
@@ -128,14 +135,38 @@ def sshd(tmp_path_factory) -> SshServer:
             if process.poll() is not None or time.monotonic() > deadline:
                 process.kill()
                 pytest.fail(f"sshd did not start: {log.read_text()}")
-            time.sleep(0.1)
-    server = SshServer(port=port, host_key=host_key, client_key=client_key,
-                       stranger_key=keygen(directory / "stranger_key"),
-                       other_host_key=keygen(directory / "other_host_key"), log=log,
-                       process=process)
+            time.sleep(0.05)
+    return SshServer(port=port, host_key=host_key, client_key=client_key,
+                     stranger_key=keygen(directory / "stranger_key"),
+                     other_host_key=keygen(directory / "other_host_key"), log=log,
+                     process=process)
+
+
+def stop_sshd(server: SshServer) -> None:
+    server.process.terminate()
+    server.process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory) -> SshServer:
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
     yield server
-    process.terminate()
-    process.wait(10)
+    stop_sshd(server)
+
+
+@pytest.fixture(scope="module")
+def sshd_without_sftp() -> SshServer:
+    """A minimal sshd with no Subsystem line, as many embedded and hardened configs have.
+
+    Its files live in a directory every user can read, so that an unprivileged
+    login (the no-sudo test) can have its authorized_keys read too.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="sk-storage-sshd-", dir="/tmp"))
+    directory.chmod(0o755)
+    server = start_sshd(directory, sftp=False, pam=True)
+    yield server
+    stop_sshd(server)
+    shutil.rmtree(directory)
 
 
 @pytest.fixture(autouse=True)
@@ -315,6 +346,55 @@ def test_agent_keys_are_offered(sshd, known_hosts, tmp_path, monkeypatch):
         agent.wait(10)
 
 
+def test_unanswered_connection_times_out_with_a_clear_error(known_hosts, tmp_path):
+    config = tmp_path / "config"
+    config.write_text("Host 127.0.0.1\n  ConnectTimeout 1\n")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        # One connection nobody accepts fills the backlog; Linux then drops
+        # further SYNs, so the next connect hangs as towards a firewalled host.
+        with socket.create_connection(("127.0.0.1", port)):
+            target = ssh.resolve(ssh.parse_target(f"ssh://root@127.0.0.1:{port}"), None, config)
+            started = time.monotonic()
+            with pytest.raises(ssh.TargetUnreachable) as caught:
+                ssh.connect(target, known_hosts, use_agent=False, use_default_keys=False)
+    assert time.monotonic() - started < 10
+    assert caught.value.message == (f"connecting to 127.0.0.1:{port} timed out after 1 s; "
+                                    "check the address, the port and firewalls")
+    assert caught.value.exit_code == ExitCode.INFRASTRUCTURE
+
+
+def user_without_sudo() -> str | None:
+    """A local account with a login shell for whom `sudo -n true` fails, if there is one."""
+    sudo = shutil.which("sudo")
+    for entry in pwd.getpwall():
+        if entry.pw_uid == 0 or not entry.pw_shell.endswith("sh"):
+            continue
+        if sudo is None or subprocess.run(
+                ["runuser", "-u", entry.pw_name, "--", sudo, "-n", "true"],
+                capture_output=True, check=False).returncode != 0:
+            return entry.pw_name
+    return None
+
+
+def test_login_user_without_sudo_is_a_clear_error(sshd_without_sftp, tmp_path):
+    user = user_without_sudo()
+    if user is None:
+        pytest.skip("no local account with a login shell and without passwordless sudo")
+    before = leftover_workdirs()
+    with pytest.raises(remote.TargetUnsuitable) as caught:
+        remote_run(sshd_without_sftp, known_hosts_for(sshd_without_sftp, tmp_path),
+                   tmp_path / "out", target=f"ssh://{user}@127.0.0.1:{sshd_without_sftp.port}")
+    assert caught.value.message == (
+        "the login user is not root on the target and `sudo -n true` fails there (a password "
+        "or a tty is required); log in as root (ssh://root@...) or allow that user "
+        "passwordless sudo")
+    assert caught.value.exit_code == ExitCode.USAGE
+    assert leftover_workdirs() == before
+
+
 def test_target_url_must_be_ssh():
     for text in ("root@host", "http://host", "ssh://", "ssh://host/path", "ssh://host:99999"):
         with pytest.raises(remote.UsageError):
@@ -342,6 +422,9 @@ def test_selection_gets_the_same_verdict_as_a_direct_run(sshd, known_hosts, tmp_
     assert "### kernel log of the target since the run started" in console
     # Streamed live: pytest's own lines went through the log callback as they came.
     assert any("test_canonical_map_reports_its_attributes PASSED" in ln for ln in lines)
+    assert "\x1b[" not in console, "pytest on the target must not colour console.log"
+    assert outcome.facts["transfer"] == "sftp"
+    assert any(ln.endswith(" over sftp") and ln.startswith("remote: pushed") for ln in lines)
     assert leftover_workdirs() == before, "the temporary directory must be removed"
 
 
@@ -382,13 +465,22 @@ def test_target_without_python3_is_a_clear_error(sshd, known_hosts, tmp_path):
 def test_deadline_stops_pytest_on_the_target_and_reports_a_timeout(sshd, known_hosts,
                                                                     tmp_path):
     before = leftover_workdirs()
-    outcome, verdict, _, _ = remote_run(sshd, known_hosts, tmp_path / "out", markers=None,
-                                        suite=SLOW_SUITE, timeout=8)
-    assert outcome.status == "timeout"
-    assert outcome.facts["stopped_by"] == "the host ended the run"
-    assert verdict.exit_code == ExitCode.TIMEOUT
-    assert_none_running("slow-suite")
-    assert leftover_workdirs() == before
+    # --timeout counts from the connection, so a short one may pass before the
+    # test has started on a loaded machine; such a run must still end as a
+    # timeout, and the next, longer one shows pytest itself being stopped.
+    for attempt, timeout in enumerate((3, 6, 12, 24)):
+        out = tmp_path / f"out{attempt}"
+        outcome, verdict, _, _ = remote_run(sshd, known_hosts, out, markers=None,
+                                            suite=SLOW_SUITE, timeout=timeout)
+        assert outcome.status == "timeout"
+        assert outcome.facts["stopped_by"] == "the host ended the run"
+        assert verdict.exit_code == ExitCode.TIMEOUT
+        assert_none_running("slow-suite")
+        assert leftover_workdirs() == before
+        if BUSY in (out / "console.log").read_text():
+            break
+    else:
+        pytest.fail("the slow test never started within a 24 s deadline")
 
 
 def assert_none_running(text: str) -> None:
@@ -396,7 +488,7 @@ def assert_none_running(text: str) -> None:
     deadline = time.monotonic() + 10
     while running_with(text):
         assert time.monotonic() < deadline, f"still running: {running_with(text)}"
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 def running_with(text: str) -> list:
@@ -426,11 +518,10 @@ def run_in_background(sshd, known_hosts, out, **kw) -> tuple:
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
-    # pytest -v ends the test's line only when the test ends; collection is the last full line.
-    while not any("collected 1 item" in ln for ln in lines):
+    # The slow test says when it runs: from then on, pytest is busy on the target.
+    while not any(BUSY in ln for ln in lines):
         assert thread.is_alive() and time.monotonic() < deadline, (box, lines)
-        time.sleep(0.1)
-    time.sleep(1.0)
+        time.sleep(0.05)
     return thread, lines, box
 
 
@@ -459,8 +550,8 @@ def test_connection_cut_mid_run_keeps_partial_output(sshd, known_hosts, tmp_path
 
 def test_silent_link_is_detected_as_a_drop(sshd, known_hosts, tmp_path):
     out = tmp_path / "out"
-    thread, lines, box = run_in_background(sshd, known_hosts, out, liveness_after=2.0,
-                                           liveness_wait=3.0)
+    thread, lines, box = run_in_background(sshd, known_hosts, out, liveness_after=1.0,
+                                           liveness_wait=2.0)
     frozen = sshd.session_processes()
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
@@ -472,15 +563,16 @@ def test_silent_link_is_detected_as_a_drop(sshd, known_hosts, tmp_path):
             os.kill(pid, signal.SIGKILL)
     workdir = workdir_of(lines)
     assert wait_for_status(workdir)["stopped"] == "the host ended the run"
+    assert_none_running(str(workdir))
     shutil.rmtree(workdir)
 
 
 def wait_for_status(workdir: Path) -> dict:
+    """The driver's status.json once it appears (renamed into place whole)."""
     deadline = time.monotonic() + 30
     while not (workdir / "status.json").exists():
         assert time.monotonic() < deadline, f"the driver never finished in {workdir}"
-        time.sleep(0.2)
-    time.sleep(0.2)  # written in one go, but give the close a moment
+        time.sleep(0.05)
     return json.loads((workdir / "status.json").read_text())
 
 
@@ -540,7 +632,7 @@ def test_interrupted_host_stops_pytest_on_the_target(sshd, known_hosts, tmp_path
 
     def log(line: str) -> None:
         said.append(line)
-        if "collected 1 item" in line:
+        if BUSY in line:
             raise KeyboardInterrupt  # Ctrl-C while the slow test runs
 
     with pytest.raises(KeyboardInterrupt):
@@ -551,3 +643,81 @@ def test_interrupted_host_stops_pytest_on_the_target(sshd, known_hosts, tmp_path
     assert wait_for_status(workdir)["stopped"] == "the host ended the run"
     assert_none_running(str(workdir))
     shutil.rmtree(workdir)
+
+
+# --- targets without SFTP --------------------------------------------------------------------
+
+def known_hosts_for(server: SshServer, tmp_path: Path) -> Path:
+    path = tmp_path / f"known_hosts-{server.port}"
+    path.write_text(server.known_hosts_line())
+    return path
+
+
+SFTP_REFUSED = "subsystem request for sftp by user root failed, subsystem not found"
+
+
+@pytest.mark.parametrize("server_name, kind", [("sshd", remote_transfer.SFTP),
+                                               ("sshd_without_sftp", remote_transfer.EXEC)])
+def test_files_make_the_round_trip_with_or_without_sftp(server_name, kind, request, tmp_path):
+    server = request.getfixturevalue(server_name)
+    client = connect(server, known_hosts_for(server, tmp_path))
+    directory = Path(tempfile.mkdtemp(prefix="sk-storage-transfer-", dir="/tmp"))
+    # Every byte value, more than one SSH window's worth, and nothing at all.
+    files = {"bytes.bin": bytes(range(256)) * 64, "big.bin": os.urandom(3 << 20), "empty": b""}
+    said: list = []
+    try:
+        transfer = remote_transfer.open_transfer(client, "python3", 60, said.append)
+        assert transfer.name == kind
+        transfer.put(files, str(directory))
+        assert {p.name: p.read_bytes() for p in directory.iterdir()} == files
+        assert transfer.get([*files, "missing"], str(directory)) == files
+        transfer.close()
+    finally:
+        client.close()
+        shutil.rmtree(directory)
+    if kind == remote_transfer.EXEC:
+        # Chosen because the server said no, and said so in its own log.
+        assert said == [("remote: the target's SSH server refused the sftp subsystem; moving "
+                         "files through python3 on the exec channel")]
+        assert SFTP_REFUSED in server.log.read_text()
+    else:
+        assert said == []
+
+
+def test_exec_transfer_failure_names_its_cause(sshd_without_sftp, tmp_path):
+    client = connect(sshd_without_sftp, known_hosts_for(sshd_without_sftp, tmp_path))
+    missing = f"/tmp/sk-storage-no-such-directory-{os.getpid()}"
+    try:
+        transfer = remote_transfer.open_transfer(client, "python3", 60, lambda _: None)
+        with pytest.raises(remote_transfer.TransferFailed) as caught:
+            transfer.put({"bundle": b"x" * 100000}, missing)
+        # The link survives a refused write: the next transfer works.
+        assert transfer.get(["hostname"], "/etc") == {"hostname": Path("/etc/hostname")
+                                                      .read_bytes()}
+    finally:
+        client.close()
+    assert caught.value.message == (f"writing into {missing} on the target failed "
+                                    f"({missing}/bundle: No such file or directory)")
+    assert caught.value.exit_code == ExitCode.INFRASTRUCTURE
+
+
+@pytest.mark.skipif(not WIRED, reason=NOT_WIRED)
+def test_command_line_run_on_a_target_without_sftp(sshd_without_sftp, tmp_path):
+    before = leftover_workdirs()
+    out = tmp_path / "out"
+    proc = run_selftests("--target", sshd_without_sftp.url(), "--identity",
+                         str(sshd_without_sftp.client_key), "--known-hosts",
+                         str(known_hosts_for(sshd_without_sftp, tmp_path)),
+                         "-k", SMALL_SELECTION, "--output", str(out), home=tmp_path / "home")
+    assert proc.returncode == ExitCode.PASS, proc.stdout + proc.stderr
+    assert "refused the sftp subsystem" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["target"]["transfer"] == remote_transfer.EXEC
+    assert (summary["verdict"], summary["counts"]["passed"]) == ("pass", 3)
+    # Fetched back over the exec channel: JUnit with the three tests, the target's kernel log.
+    assert len(results.parse_junit(out / "junit.xml")) == 3
+    console = (out / "console.log").read_text()
+    assert "### kernel log of the target since the run started" in console
+    assert "\x1b[" not in console
+    assert SFTP_REFUSED in sshd_without_sftp.log.read_text()
+    assert leftover_workdirs() == before, "the temporary directory must be removed"
