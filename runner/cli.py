@@ -10,15 +10,21 @@ kernel, boot and test options they share with a plain run.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from runner import keep, pipeline, remote
 from runner.cache import CACHE_DIR_ENV
-from runner.errors import ExitCode, Interrupted, RunnerError, exit_code_table
+from runner.errors import (
+    ExitCode,
+    Interrupted,
+    RunnerError,
+    exit_code_table,
+    machine_state_error,
+)
 from runner.interrupts import install_sigterm_handler
 from runner.prebuilt import DISTRO_SUITES
 
@@ -181,18 +187,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("run-selftests: interrupted; any applied patches were removed", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
     except OSError as error:
-        # A full disk or a file the user cannot write is the machine's state,
-        # not a bug: say which file and what to do.  Anything else is a bug.
-        where = f" ({error.filename})" if error.filename else ""
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            print(f"run-selftests: error: out of disk space{where}; free space or move the "
-                  "cache with --cache-dir", file=sys.stderr)
-            return int(ExitCode.INFRASTRUCTURE)
-        if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-            print(f"run-selftests: error: {error.strerror}{where}; fix the permissions or "
-                  "choose other --cache-dir/--output directories", file=sys.stderr)
-            return int(ExitCode.USAGE)
-        raise
+        known = machine_state_error(error)
+        if known is None:
+            return runner_bug(error)
+        print(f"run-selftests: error: {known.message}", file=sys.stderr)
+        return int(known.exit_code)
+    except Exception as error:
+        return runner_bug(error)
+
+
+def runner_bug(error: BaseException) -> int:
+    """An exception escaped the runner: a bug, never a verdict on the kernel (exit 8).
+
+    The traceback goes to stderr unless the pipeline already logged it and saved it.
+    """
+    saved = getattr(error, "runner_traceback", None)
+    if saved is None:
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+    where = f"; traceback in {saved}" if saved else ""
+    print(f"run-selftests: error: bug in run-selftests ({type(error).__name__}: {error})"
+          f"{where}; please report it", file=sys.stderr)
+    return int(ExitCode.RUNNER_BUG)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Anything else escaping is a bug and keeps its traceback.
 from __future__ import annotations
 
 import enum
+import errno
 from collections.abc import Iterable, Sequence
 
 
@@ -22,6 +23,8 @@ class ExitCode(enum.IntEnum):
     BUILD_FAILURE = 5
     PATCH_FAILURE = 6
     INFRASTRUCTURE = 7
+    # An exception escaped the runner itself: a bug to report, never a verdict on the kernel.
+    RUNNER_BUG = 8
     # Not a verdict: the shell convention for "stopped by SIGINT".
     INTERRUPTED = 130
 
@@ -34,7 +37,10 @@ EXIT_CODE_MEANINGS = {
     ExitCode.TIMEOUT: "timeout: the guest exceeded --timeout or stalled",
     ExitCode.BUILD_FAILURE: "kernel build failure (including a config that did not survive)",
     ExitCode.PATCH_FAILURE: "patch failure: the series could not be applied",
-    ExitCode.INFRASTRUCTURE: "infrastructure error (QEMU could not start, out of disk, ...)",
+    ExitCode.INFRASTRUCTURE: "infrastructure error (QEMU could not start, the guest could "
+                             "not start pytest, out of disk, ...)",
+    ExitCode.RUNNER_BUG: "bug in run-selftests: an unexpected exception (traceback in the "
+                         "run's runner-traceback.txt)",
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C or SIGTERM); the kernel tree was restored",
 }
 
@@ -83,6 +89,22 @@ class InfrastructureError(RunnerError):
     """The machinery failed (QEMU, disk, network), not the kernel under test."""
 
     exit_code = ExitCode.INFRASTRUCTURE
+
+
+def machine_state_error(error: OSError) -> RunnerError | None:
+    """A full disk or a file the user cannot write is the machine's state, not a bug.
+
+    Returns it as a one-line RunnerError saying what to do; None for any other
+    OSError, which is a bug.
+    """
+    where = f" ({error.filename})" if error.filename else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InfrastructureError(f"out of disk space{where}; free space or move the cache "
+                                   "with --cache-dir")
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return UsageError(f"{error.strerror}{where}; fix the permissions or choose other "
+                          "--cache-dir/--output directories")
+    return None
 
 
 class Interrupted(BaseException):

@@ -1,7 +1,8 @@
-"""Missing tools are found before any work starts, and reported all at once.
+"""Missing tools and paths the guest cannot see are found before any work starts.
 
 A new user should learn in one message everything to install, not discover
-one missing tool twenty minutes into a build.
+one missing tool twenty minutes into a build, and a checkout the guest
+cannot see should be refused at once, not reported as a kernel crash later.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import shutil
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from runner.errors import UsageError
@@ -110,3 +112,44 @@ def check(requirements: Iterable[Requirement]) -> None:
         names = ", ".join(r.name for r in absent)
         hint = install_hint(absent, is_root=os.geteuid() == 0)
         raise UsageError(f"missing: {names}; install with: {hint}")
+
+
+# Directories virtme-ng's guest init mounts a fresh tmpfs over, hiding the
+# host's content there from the guest: virtme-ng 1.42,
+# virtme/guest/virtme-init (mount_sys_filesystems() for /var/..., /dev/shm;
+# mount_kernel_filesystems() for /run), and the same list in the Rust
+# virtme-ng-init used on native architectures.  /tmp is not among them.
+GUEST_MASKED_DIRS = (
+    "/var/log", "/var/tmp", "/var/spool/rsyslog", "/var/lib/portables", "/var/lib/machines",
+    "/var/lib/private", "/var/cache", "/var/lib/apt", "/var/lib/snapd/cookie",
+    "/var/lib/sudo", "/run", "/dev/shm",
+)
+
+
+def masked_in_guest(path: Path) -> str | None:
+    """The masked directory `path` lies under (as given or with symlinks resolved), else None."""
+    absolute = Path(os.path.abspath(path))
+    for candidate in dict.fromkeys((absolute, Path(os.path.realpath(absolute)))):
+        for masked in GUEST_MASKED_DIRS:
+            if candidate == Path(masked) or Path(masked) in candidate.parents:
+                return masked
+    return None
+
+
+@dataclass(frozen=True)
+class GuestPath:
+    """A host path the guest must see, what it is, and what to do when it is hidden."""
+
+    what: str
+    path: Path
+    hint: str
+
+
+def check_guest_visible(paths: Iterable[GuestPath]) -> None:
+    """Raise a one-line UsageError for the first path the guest would not see."""
+    for entry in paths:
+        masked = masked_in_guest(entry.path)
+        if masked:
+            raise UsageError(
+                f"{entry.what} {entry.path} is under {masked}, which virtme-ng's guest "
+                f"covers with an empty tmpfs, so the guest would not see it; {entry.hint}")

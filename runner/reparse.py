@@ -34,7 +34,9 @@ def main(args: argparse.Namespace) -> int:
             boot_status = summary.get("boot", {}).get("status", boot_status)
         except ValueError:
             pass
-    verdict, tests, splats, _ = pipeline.judge_output_dir(out, boot_status)
+    # An SSH run may keep environment skips, a guest run may not: the same rule as the run.
+    verdict, tests, splats, _ = pipeline.judge_output_dir(out, boot_status,
+                                                          pipeline.target_kind(summary))
     if "kmemleak" in summary:
         # A --debug-kernel run: its kmemleak report is part of the verdict.
         verdict = debug_kernel.judge(out, verdict, {}, print)

@@ -211,7 +211,7 @@ def direct_run(tmp_path: Path, markers: str, keyword: str | None) -> tuple:
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                           check=False)
     tests = results.parse_junit(junit)
-    return results.judge("exited", proc.returncode, tests, []), tests
+    return results.judge("exited", proc.returncode, tests, [], target="ssh"), tests
 
 
 def remote_run(sshd, known_hosts, out: Path, markers="not stress", keyword=None,
@@ -222,7 +222,7 @@ def remote_run(sshd, known_hosts, out: Path, markers="not stress", keyword=None,
                                    markers=markers, keyword=keyword,
                                    log=(lines.append if lines is not None else lambda _: None),
                                    **kw)
-    verdict, tests, splats, _ = pipeline.judge_output_dir(out, outcome.status)
+    verdict, tests, splats, _ = pipeline.judge_output_dir(out, outcome.status, "ssh")
     return outcome, verdict, tests, splats
 
 

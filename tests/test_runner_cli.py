@@ -114,9 +114,68 @@ def test_a_kernel_image_that_is_not_a_kernel(work):
 
 def test_an_unwritable_output_dir(work):
     (work / "a-file").write_text("")
-    proc = run_selftests("--kernel-src", str(work / "linux"), "--cache-dir",
+    proc = run_selftests("--kernel-src", str(kernel_tree(work / "linux")), "--cache-dir",
                          str(work / "cache"), "--output", str(work / "a-file" / "run"), cwd=work)
     assert_one_line_error(proc, ExitCode.USAGE, "output directory", "not writable")
+
+
+@pytest.mark.parametrize("args", [
+    ["--kernel-src", "/nonexistent"],
+    ["--kernel-image", "/nonexistent/bzImage"],
+    ["--distro-kernel", "6.1", "--series", "s"],
+])
+def test_a_usage_error_leaves_no_empty_run_directory(work, args):
+    proc = run_selftests(*args, "--cache-dir", str(work / "cache"), cwd=work)
+    assert proc.returncode == ExitCode.USAGE, proc.stderr
+    assert not (work / "runs").exists()
+
+
+@pytest.mark.parametrize("where, what", [
+    ("/var/tmp/sk-run", "--output /var/tmp/sk-run is under /var/tmp"),
+    ("/var/cache/sk/run", "--output /var/cache/sk/run is under /var/cache"),
+    ("/var/lib/machines/run", "--output /var/lib/machines/run is under /var/lib/machines"),
+])
+def test_an_output_the_guest_cannot_see_is_refused_before_anything_else(work, where, what):
+    # Even before the kernel-src typo: the masked path is what the user must change first.
+    proc = run_selftests("--kernel-src", "/nonexistent", "--output", where,
+                         "--cache-dir", str(work / "cache"), cwd=work)
+    assert_one_line_error(proc, ExitCode.USAGE, what, "empty tmpfs", "elsewhere")
+    assert not Path(where).exists()
+
+
+def test_the_guest_paths_checked_are_suite_interpreter_venv_and_output(work, monkeypatch):
+    from runner import preflight
+
+    monkeypatch.chdir(work)
+    options = pipeline.RunOptions(suite=Path("/var/tmp/co/selftests"))
+    paths = pipeline.guest_paths(options)
+    assert [p.what for p in paths] == ["the suite (--suite)", "the Python interpreter",
+                                       "the Python environment", "the default output directory"]
+    assert paths[1].path == Path(sys.executable) and paths[2].path == Path(sys.prefix)
+    assert paths[3].path == work / "runs"
+    with pytest.raises(UsageError, match=r"^the suite \(--suite\) /var/tmp/co/selftests is "
+                                         r"under /var/tmp, .*; move it"):
+        preflight.check_guest_visible(paths)
+
+
+def test_a_checkout_under_var_tmp_is_refused_in_under_a_second(work):
+    """The venv's interpreter under /var/tmp, as after `git clone` there (a symlinked path)."""
+    import time
+
+    # The refusal resolves symlinks, so a link from /var/tmp into this checkout's venv
+    # is what the guest would miss; nothing is created under /var/tmp itself.
+    fake_prefix = Path("/var/tmp/sk-storage-selftests-clone/.venv")
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c",
+         "import sys, runner.cli; sys.prefix = %r; sys.exit(runner.cli.main())"
+         % str(fake_prefix), "--cache-dir", str(work / "cache")],
+        cwd=work, capture_output=True, text=True, timeout=60, check=False)
+    elapsed = time.monotonic() - started
+    assert_one_line_error(proc, ExitCode.USAGE,
+                          f"the Python environment {fake_prefix} is under /var/tmp")
+    assert elapsed < 5, elapsed  # generous for a loaded machine; measured ~0.4 s idle
+    assert not (work / "runs").exists()
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
@@ -190,13 +249,62 @@ def test_exceptions_map_to_their_exit_codes(monkeypatch, capsys, error, code):
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
-def test_other_os_errors_are_bugs_and_keep_their_traceback(monkeypatch):
+def test_other_os_errors_are_bugs_and_keep_their_traceback(monkeypatch, capsys):
     def fail(argv):
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(cli, "dispatch", fail)
-    with pytest.raises(OSError):
-        cli.main([])
+    assert cli.main([]) == ExitCode.RUNNER_BUG
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "in fail" in err
+    assert err.splitlines()[-1] == ("run-selftests: error: bug in run-selftests (OSError: "
+                                    "[Errno 5] Input/output error); please report it")
+
+
+def test_an_exception_escaping_a_run_is_a_runner_bug_with_its_traceback_saved(
+        work, monkeypatch, capsys):
+    """A stage raising something unexpected: exit 8 from main(), recorded in summary.json."""
+    def broken_stage(*args, **kwargs):
+        raise KeyError("a stage that forgot a key")
+
+    image = work / "bzImage"
+    image.write_bytes(b"\0" * 0x202 + b"HdrS" + b"\0" * 64)
+    monkeypatch.setattr(pipeline, "obtain_kernel", broken_stage)
+    monkeypatch.setattr(pipeline.preflight, "check", lambda requirements: None)
+    monkeypatch.setattr(pipeline.prebuilt, "open_kernel_image", lambda *a: None)
+    out = work / "out"
+    code = cli.main(["--kernel-image", str(image), "--cache-dir", str(work / "cache"),
+                     "--output", str(out)])
+    captured = capsys.readouterr()
+    assert code == ExitCode.RUNNER_BUG == 8
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["verdict"], summary["exit_code"]) == ("runner bug", 8)
+    assert summary["reason"] == "KeyError: 'a stage that forgot a key'"
+    saved = (out / summary["traceback"]).read_text()
+    assert "in broken_stage" in saved and saved.startswith("Traceback")
+    # The run's log (stdout here, runner.log under matrix/regressions) has it once...
+    assert "in broken_stage" in captured.out
+    # ...and stderr says where, without printing it a second time.
+    assert "Traceback" not in captured.err
+    assert captured.err.strip() == (
+        "run-selftests: error: bug in run-selftests (KeyError: 'a stage that forgot a key'); "
+        f"traceback in {out / 'runner-traceback.txt'}; please report it")
+
+
+def test_only_an_interruption_is_recorded_as_interrupted(work, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "obtain_kernel", interrupted)
+    monkeypatch.setattr(pipeline.preflight, "check", lambda requirements: None)
+    monkeypatch.setattr(pipeline.prebuilt, "open_kernel_image", lambda *a: None)
+    out = work / "out"
+    code = cli.main(["--kernel-image", str(work / "x"), "--cache-dir", str(work / "cache"),
+                     "--output", str(out)])
+    assert code == ExitCode.INTERRUPTED
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["verdict"], summary["exit_code"]) == ("interrupted", 130)
+    assert "traceback" not in summary
 
 
 def test_error_details_follow_the_one_line_message(monkeypatch, capsys):
@@ -215,3 +323,12 @@ def test_subcommands_are_dispatched_to_their_modules(tmp_path):
     proc = run_selftests("parse", str(tmp_path / "nope"), cwd=tmp_path)
     assert_one_line_error(proc, ExitCode.USAGE, "is not a directory")
     assert set(cli.SUBCOMMANDS) >= {"parse"}
+
+
+def test_the_readme_exit_code_table_lists_exactly_the_enum():
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("### Exit codes", 1)[1].split("\n\n", 2)[1]
+    codes = [int(code) for code in re.findall(r"^\| (\d+) \|", table, re.MULTILINE)]
+    assert codes == [int(code) for code in ExitCode]

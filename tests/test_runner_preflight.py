@@ -1,9 +1,11 @@
-"""Missing tools are reported all at once, with the command that installs them."""
+"""Missing tools are reported all at once, with the command that installs them; paths the
+guest cannot see are refused up front."""
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,3 +73,52 @@ def test_this_machine_has_what_a_build_and_boot_need():
     if absent and os.environ.get("CI") != "true":
         pytest.skip(f"not a fully set-up machine: {', '.join(r.name for r in absent)}")
     assert absent == []
+
+
+# --- paths virtme-ng's guest cannot see ------------------------------------------------------
+
+def test_the_masked_list_is_the_one_virtme_ng_mounts_tmpfs_over():
+    """Every `mount -t tmpfs ... /var/...` in the installed virtme-init is in the list."""
+    import re
+
+    import virtme.guest
+
+    init = Path(virtme.guest.__file__).parent / "virtme-init"
+    mounted = set(re.findall(r"mount -t tmpfs(?: -o \S+)? \S+ (/var/[\w/.-]+?)/?$",
+                             init.read_text(), re.MULTILINE))
+    assert mounted >= {"/var/log", "/var/tmp", "/var/cache"}
+    assert mounted <= set(preflight.GUEST_MASKED_DIRS), mounted - set(preflight.GUEST_MASKED_DIRS)
+
+
+@pytest.mark.parametrize("path, masked", [
+    ("/var/tmp/x/selftests", "/var/tmp"),
+    ("/var/tmp", "/var/tmp"),
+    ("/var/cache/ci/run", "/var/cache"),
+    ("/var/lib/apt/x", "/var/lib/apt"),
+    ("/var/run/user/0/x", "/run"),      # /var/run -> /run on Debian
+    ("/var/tmpfoo/x", None),            # a prefix of the name is not the directory
+    ("/var/lib/dpkg/x", None),
+    ("/tmp/x", None),
+    ("/srv/ci/run", None),
+])
+def test_masked_in_guest(path, masked):
+    assert preflight.masked_in_guest(Path(path)) == masked
+
+
+def test_a_symlink_into_a_masked_directory_is_seen_through(tmp_path):
+    link = tmp_path / "checkout"
+    link.symlink_to("/var/tmp")
+    assert preflight.masked_in_guest(link / "selftests") == "/var/tmp"
+
+
+def test_the_refusal_is_one_line_naming_path_and_what_to_do():
+    paths = [preflight.GuestPath("--output", Path("/srv/ok"), "n/a"),
+             preflight.GuestPath("--output", Path("/var/log/run"), "pass --output elsewhere")]
+    with pytest.raises(UsageError) as caught:
+        preflight.check_guest_visible(paths)
+    message = caught.value.message
+    assert "\n" not in message
+    assert message == ("--output /var/log/run is under /var/log, which virtme-ng's guest covers "
+                       "with an empty tmpfs, so the guest would not see it; pass --output "
+                       "elsewhere")
+    preflight.check_guest_visible(paths[:1])

@@ -70,7 +70,8 @@ def test_junit_with_every_outcome(mixed_junit):
     assert "fixture exploded" in by_name["test_errors"].message
     assert by_name["test_skips"].outcome == "skipped"
     assert by_name["test_skips"].message == "needs CONFIG_BPF_LSM"
-    assert by_name["test_xfails"].outcome == "skipped"
+    # An expected failure is its own outcome: a known bug, not a skip.
+    assert by_name["test_xfails"].outcome == "xfailed"
     assert "known upstream bug" in by_name["test_xfails"].message
 
 
@@ -87,7 +88,7 @@ class FakeSplat:
 
 
 PASSING = [results.TestResult("m::test_a", "passed", "", 0.1),
-           results.TestResult("m::test_b", "skipped", "why", 0.0)]
+           results.TestResult("m::test_b", "skipped", "[older kernel] lacks X (5.9+)", 0.0)]
 FAILING = PASSING + [results.TestResult("m::test_c", "failed", "boom", 0.2)]
 
 
@@ -124,7 +125,8 @@ def test_verdict_reasons_name_what_happened():
     crash = results.judge("exited", None, None, [], "no junit.xml")
     assert "no junit.xml" in crash.reason
     assert results.verdict_line(failing) == (
-        "VERDICT: TEST FAILURE - 1 test(s) failed: test_c (exit 1)")
+        "VERDICT: TEST FAILURE - 1 test(s) failed: test_c "
+        "[1 passed, 1 failed, 1 skipped (older kernel 1)] (exit 1)")
 
 
 def test_table_lists_each_test_with_skip_reasons_and_totals(mixed_junit):
@@ -133,7 +135,8 @@ def test_table_lists_each_test_with_skip_reasons_and_totals(mixed_junit):
                for line in table)
     assert any(line.split()[0] == "FAIL" and "test_fails" in line for line in table)
     assert any(line.split()[0] == "ERROR" and "test_errors" in line for line in table)
-    assert table[-1] == "1 passed, 2 failed, 2 skipped"
+    assert any(line.split()[0] == "XFAIL" and "test_xfails" in line for line in table)
+    assert table[-1] == "1 passed, 2 failed, 1 skipped (uncategorized 1), 1 known bug"
 
 
 def write_run(out: Path, junit: str | None = None, exit_code: str | None = None, console: str = "") -> Path:
@@ -146,7 +149,11 @@ def write_run(out: Path, junit: str | None = None, exit_code: str | None = None,
     return out
 
 
-GUEST_JUNIT = (FIXTURES / "junit-guest-6.1.xml").read_text()
+# A real guest run whose one skip has no category ("fixture skip reason")...
+GUEST_JUNIT_UNCATEGORIZED = (FIXTURES / "junit-guest-6.1.xml").read_text()
+# ...and the same run as the suite reports it now, every skip with its category.
+GUEST_JUNIT = GUEST_JUNIT_UNCATEGORIZED.replace(
+    "fixture skip reason", "[kernel config] fixture skip reason")
 CLEAN_CONSOLE = (FIXTURES / "console-tcg-boot-start.log").read_text()
 
 
@@ -177,7 +184,19 @@ def test_the_parse_subcommand_rejudges_a_saved_run(tmp_path):
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "SKIP  check_guest::test_skipped_with_a_reason" in proc.stdout
+    assert "1 x [kernel config] fixture skip reason" in proc.stdout
     assert proc.stdout.rstrip().splitlines()[-1].startswith("VERDICT: PASS")
+
+
+def test_parse_of_a_real_guest_run_with_an_uncategorized_skip_fails(tmp_path):
+    out = write_run(tmp_path / "run", GUEST_JUNIT_UNCATEGORIZED, "0\n", CLEAN_CONSOLE)
+    proc = subprocess.run([sys.executable, "-m", "runner.cli", "parse", str(out)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == ExitCode.TEST_FAILURE, proc.stdout + proc.stderr
+    assert proc.stdout.rstrip().splitlines()[-1] == (
+        "VERDICT: UNEXPECTED SKIP - 1 test(s) skipped for a reason a runner-booted guest must "
+        "not have: fixture skip reason [2 passed, 0 failed, 1 skipped (uncategorized 1)] "
+        "(exit 1)")
 
 
 PANIC_CONSOLE = (FIXTURES / "console-sysrq-panic-6.1.log").read_text()
