@@ -191,18 +191,18 @@ def _force(outcome, exception: BaseException) -> None:
         raise exception
 
 
-def _policy_refusal_as_skip(outcome) -> None:
-    """Root's EPERM from a host policy is an environment skip, stated, not a test failure."""
-    excinfo = outcome.excinfo
-    if excinfo is not None and issubclass(excinfo[0], syscall.PolicyRefused):
-        err = excinfo[1]
-        _force(outcome, pytest.skip.Exception(
-            f"{probes.ENVIRONMENT} this host refused {err.command} to root with "
-            f"{err.errno_name}: lockdown, an LSM or a sandbox policy", _use_item_location=True))
+def _policy_refusal_as_skip(outcome, refusals_before: int) -> None:
+    """A phase during which the host refused root with EPERM proves nothing either way:
+    it becomes a stated [environment] skip, even when the test caught the refusal."""
+    if syscall.PolicyRefused.raised == refusals_before or _skipped(outcome):
+        return
+    err = syscall.PolicyRefused.last
+    _force(outcome, pytest.skip.Exception(
+        f"{probes.ENVIRONMENT} this host refused {err.command} to root with "
+        f"{err.errno_name}: lockdown, an LSM or a sandbox policy", _use_item_location=True))
 
 
 def _check_kernel_log(outcome, phase: str) -> None:
-    _policy_refusal_as_skip(outcome)
     if _skipped(outcome):
         return
     message = _guard.problem()
@@ -216,14 +216,18 @@ def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
     """Start the guard lazily (so a skipped suite never opens /dev/kmsg) and check setup."""
     if not any(m.name == "skip" for m in item.iter_markers()):
         _guard.start()
+    refusals = syscall.PolicyRefused.raised
     outcome = yield
+    _policy_refusal_as_skip(outcome, refusals)
     _check_kernel_log(outcome, "setup")
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
     """Fail the test itself when the kernel splatted while it ran."""
+    refusals = syscall.PolicyRefused.raised
     outcome = yield
+    _policy_refusal_as_skip(outcome, refusals)
     _check_kernel_log(outcome, "call")
 
 

@@ -329,7 +329,19 @@ class BpfError(OSError):
 class PolicyRefused(BpfError):
     """EPERM to a caller with every capability: a host policy (lockdown, an LSM, a sandbox)
     vetoed the command, not the feature under test. The suite reports it as an
-    environment skip; the runner's guests have no such policy, so there it fails."""
+    environment skip; the runner's guests have no such policy, so there it fails.
+
+    Every instance is counted (`raised`, `last`), so a test that caught one, say inside
+    pytest.raises expecting a verifier rejection, cannot pass or fail on it unnoticed.
+    """
+
+    raised = 0
+    last: PolicyRefused | None = None
+
+    def __init__(self, err: int, command: str, detail: str = "") -> None:
+        super().__init__(err, command, detail)
+        PolicyRefused.raised += 1
+        PolicyRefused.last = self
 
 
 def refused_by_policy(err: BpfError) -> bool:
