@@ -1,24 +1,34 @@
 """`run-selftests bisect`: find the commit that broke sk storage with `git bisect run`.
 
-The driver checks the user's tree, starts `git bisect`, and lets `git bisect
-run` call one step per commit: this module run as `python -m runner.bisect`
-(or ci/bisect, the same step for people who call `git bisect run` by hand).
-A step is an ordinary run of the pipeline in the user's tree, so every commit
-builds incrementally in the one build directory of that tree, with --series
-applied on top and removed again by the pipeline itself.
+The driver checks the user's tree, tests --good and --bad first (the good one
+must pass, the bad one must fail the selected tests, and that failure's
+signature, the failing test names, is what the bisect looks for), then lets
+`git bisect run` call one step per commit: this module run as
+`python -m runner.bisect` (or ci/bisect, the same step for people who call
+`git bisect run` by hand).  A step is an ordinary run of the pipeline in the
+user's tree, so every commit builds incrementally in the one build directory
+of that tree, with --series applied on top and removed again by the pipeline.
 
-The step's verdict is mapped explicitly, because a wrong label silently
-sends the bisect down the wrong half:
+A run's exit code (runner.errors.ExitCode, never re-judged here) decides:
 
-  pass                                   -> good  (0)
-  test failure, kernel splat, timeout    -> bad   (1)
-  build failure, series does not apply   -> skip  (125): the commit cannot be judged
-  anything else (QEMU, disk, usage, Ctrl-C, a bug in the runner)
-                                         -> abort (255): git stops, no commit is labelled
+  pass                                        -> good
+  test failure, or a splat a test failed on   -> bad, if a failing test is in
+                                                 the --bad signature; a run
+                                                 failing only other tests is
+                                                 not evidence either way
+  timeout, infrastructure error, a guest that
+  died with no test failing (boot crash)      -> retried (--retries), then skip
+  build failure, series does not apply        -> skip (125): cannot be judged
+  usage error, Ctrl-C, a bug in the runner    -> abort (255): git stops
+
+With --runs N a commit is bad as soon as one run fails a test of the
+signature, good only when N runs pass, and skipped when its runs only failed
+other tests.  A wrong label silently sends the bisect down the wrong half, so
+anything that is not evidence about the commit is a skip, never bad.
 
 Every step leaves <output>/steps/NN-<commit>/verdict.json and one run
-directory per --runs repetition.  The tree is always handed back with
-`git bisect reset`, also on Ctrl-C, SIGTERM and errors.
+directory per run.  The tree is always handed back with `git bisect reset`,
+also on Ctrl-C, SIGTERM and errors.
 """
 
 from __future__ import annotations
@@ -29,30 +39,38 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from runner import artifacts, cli, patches, pipeline
+from runner import artifacts, cli, patches, pipeline, source
 from runner.cache import open_cache
 from runner.errors import ExitCode, Interrupted, RunnerError, UsageError
 from runner.interrupts import install_sigterm_handler
 
 GOOD, BAD, SKIP, ABORT = "good", "bad", "skip", "abort"
+# Not a step label: a run that says nothing about the commit and is repeated.
+RETRY = "retry"
 # What `git bisect run` understands: 0 good, 125 skip, 1..127 bad, 128..255 stop.
 GIT_EXIT = {GOOD: 0, BAD: 1, SKIP: 125, ABORT: 255}
 
-OUTCOME_OF_EXIT = {
+# Exit codes that are a verdict about the commit, and those that are not.
+_RUN_OUTCOME = {
     ExitCode.PASS: GOOD,
     ExitCode.TEST_FAILURE: BAD,
+    # A crash counts against the commit only when a selected test failed on it
+    # (run_outcome); a guest that died before any test ran is retried.
     ExitCode.SPLAT: BAD,
-    # A hang at this commit is the commit's doing far more often than the
-    # host's; a too-short --timeout shows up on the good side too.
-    ExitCode.TIMEOUT: BAD,
+    # Hangs and QEMU/disk/network trouble happen on innocent commits under a
+    # loaded host (syzkaller retries these too): retried, then skipped.
+    ExitCode.TIMEOUT: RETRY,
+    ExitCode.INFRASTRUCTURE: RETRY,
     ExitCode.BUILD_FAILURE: SKIP,
     ExitCode.PATCH_FAILURE: SKIP,
 }
@@ -65,35 +83,134 @@ RESULT_FILE = "bisect.json"
 # Run options a bisect cannot use: it always builds the tree it bisects.
 REJECTED_OPTIONS = {"kernel_image": "--kernel-image", "modules": "--modules",
                     "distro_kernel": "--distro-kernel", "base": "--base", "shell": "--shell"}
-# After Ctrl-C the step restores the tree; give it this long before escalating.
-STOP_GRACE_SECONDS = 60.0
+DEFAULT_RETRIES = 2
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# (first version that does not need it, fragment): kconfig/sk-storage.config is
+# written for current kernels; older trees get a fragment adapting it, so a
+# 5.10-era commit builds instead of being skipped for a symbol it cannot have.
+VERSION_FRAGMENTS = (((5, 18), REPO_ROOT / "kconfig" / "before-5.18.config"),)
+
+# Kbuild stamps the build time, user, host and build count into the kernel; with
+# these fixed, two commits whose code is the same build the same vmlinux, which
+# is how the report tells a no-op culprit (syzkaller does the same).
+REPRODUCIBLE_BUILD_ENV = {"KBUILD_BUILD_TIMESTAMP": "1970-01-01", "KBUILD_BUILD_USER": "bisect",
+                          "KBUILD_BUILD_HOST": "bisect", "KBUILD_BUILD_VERSION": "1",
+                          "LOCALVERSION": ""}
 
 
-def outcome_of(exit_code: int) -> str:
-    """The bisect label for one run's exit code; unknown codes abort rather than guess."""
+def run_outcome(exit_code: int, failing: Sequence[str] = ()) -> str:
+    """What one run says about the commit: good, bad, retry, skip, or abort on unknown codes."""
     try:
-        return OUTCOME_OF_EXIT.get(ExitCode(exit_code), ABORT)
+        outcome = _RUN_OUTCOME.get(ExitCode(exit_code), ABORT)
     except ValueError:
         return ABORT
+    if exit_code == ExitCode.SPLAT and not failing:
+        return RETRY
+    return outcome
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'5.10.223-rc1' -> (5, 10, 223); unknown parts stop the tuple."""
+    numbers = []
+    for part in re.split(r"[.-]", version):
+        if not part.isdigit():
+            break
+        numbers.append(int(part))
+    return tuple(numbers)
+
+
+def version_fragments(version: str) -> list[Path]:
+    """The extra kconfig fragments a tree of this Makefile version needs."""
+    have = version_tuple(version)
+    return [fragment for before, fragment in VERSION_FRAGMENTS if have and have < before]
+
+
+def kernel_signature(vmlinux: Path) -> str | None:
+    """SHA-256 of the loaded contents of an ELF64 vmlinux; None when it is not one.
+
+    Only allocated sections with file data count (no debug info, no .bss, no
+    notes with the build id), as in syzkaller's elfBinarySignature.  Parsed
+    with struct because only the section headers are needed.
+    """
+    try:
+        with open(vmlinux, "rb") as elf:
+            header = elf.read(64)
+            if len(header) < 64 or header[:4] != b"\x7fELF" or header[4] != 2 or header[5] != 1:
+                return None
+            shoff, = struct.unpack_from("<Q", header, 0x28)
+            shentsize, shnum = struct.unpack_from("<HH", header, 0x3A)
+            elf.seek(shoff)
+            table = elf.read(shentsize * shnum)
+            digest = hashlib.sha256()
+            for index in range(shnum):
+                _, kind, flags, _, offset, size = struct.unpack_from(
+                    "<IIQQQQ", table, index * shentsize)
+                if not flags & 0x2 or kind in (7, 8):  # SHF_ALLOC; SHT_NOTE, SHT_NOBITS
+                    continue
+                elf.seek(offset)
+                digest.update(elf.read(size))
+    except (OSError, struct.error):
+        return None
+    return digest.hexdigest()
+
+
+def bisect_in_progress(where: Path) -> bool:
+    """True when the git tree around `where` is in the middle of a bisect."""
+    proc = _git(where, "rev-parse", "--path-format=absolute", "--git-path", "BISECT_START")
+    return proc.returncode == 0 and Path(proc.stdout.strip()).exists()
+
+
+class BisectSafeHelp(argparse.Action):
+    """-h/--help that exits 255 inside a bisect, where 0 would mark the commit good."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                 help=None):
+        super().__init__(option_strings, dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        if bisect_in_progress(Path.cwd()):
+            parser.exit(GIT_EXIT[ABORT], f"{parser.prog}: --help inside a bisect: exit "
+                        f"{GIT_EXIT[ABORT]} stops 'git bisect run' instead of marking "
+                        "the commit good\n")
+        parser.exit(0)
+
+
+def _bisect_safe_help(parser: argparse.ArgumentParser) -> None:
+    # cli builds the subcommand's parser with the stock -h; "resolve" lets this one
+    # replace it.  The option group copied the handler when it was made, hence _optionals.
+    parser.conflict_handler = parser._optionals.conflict_handler = "resolve"
+    parser.add_argument("-h", "--help", action=BisectSafeHelp,
+                        help="show this help and exit (255 inside a git bisect)")
 
 
 # --- arguments --------------------------------------------------------------------------
 
 
 def add_step_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of one step: a plain run's options plus --runs."""
+    """The options of one step: a plain run's options plus --runs, --retries, --signature."""
+    _bisect_safe_help(parser)
     cli.add_run_arguments(parser)
     parser.add_argument("--runs", type=int, default=1, metavar="N",
-                        help="test each commit N times; any failure marks it bad "
-                             "(default: %(default)s)")
+                        help="test each commit up to N times: bad as soon as one run fails a "
+                             "test of the signature, good when all N pass (default: "
+                             "%(default)s)")
+    parser.add_argument("--retries", type=int, default=DEFAULT_RETRIES, metavar="N",
+                        help="repeat a run that timed out, hit an infrastructure error or "
+                             "whose guest died with no test failing, up to N times per "
+                             "commit before skipping it (default: %(default)s)")
+    parser.add_argument("--signature", action="append", default=[], metavar="TEST",
+                        help="a failing test of the bad commit (repeatable; the bisect sets "
+                             "it from --bad); runs failing only other tests do not count")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`run-selftests bisect` options: the endpoints, then everything a step takes."""
     parser.add_argument("--good", required=True, metavar="REV",
-                        help="a commit where the selected tests pass")
+                        help="a commit where the selected tests pass (checked first)")
     parser.add_argument("--bad", required=True, metavar="REV",
-                        help="a commit where they fail (or the kernel splats)")
+                        help="a commit where they fail (checked first)")
     add_step_arguments(parser)
 
 
@@ -104,6 +221,8 @@ def _reject_unusable(args: argparse.Namespace) -> None:
                              "commit of --kernel-src")
     if args.runs < 1:
         raise UsageError("--runs must be at least 1")
+    if args.retries < 0:
+        raise UsageError("--retries must be 0 or more")
 
 
 def _git(tree: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess:
@@ -128,6 +247,7 @@ def find_tree(path: Path | None) -> Path:
 def step_arguments(args: argparse.Namespace, tree: Path, out: Path) -> list[str]:
     """The step's command-line options, rebuilt from the driver's parsed arguments."""
     argv = ["--kernel-src", str(tree), "--output", str(out), "--runs", str(args.runs),
+            "--retries", str(args.retries),
             "-j", str(args.jobs), "--accel", args.accel, "--cpus", str(args.cpus),
             "--memory", args.memory, "--timeout", str(args.timeout),
             "--stall-timeout", str(args.stall_timeout), "-m", args.markers or "",
@@ -136,6 +256,8 @@ def step_arguments(args: argparse.Namespace, tree: Path, out: Path) -> list[str]
         argv += ["--series", str(Path(args.series).resolve())]
     for fragment in args.config:
         argv += ["--config", str(Path(fragment).resolve())]
+    for test in args.signature:
+        argv += ["--signature", test]
     if args.keyword:
         argv += ["-k", args.keyword]
     if args.cache_dir:
@@ -161,7 +283,7 @@ PASSED_OPTIONS = {"kernel_src", "output", "jobs", "accel", "cpus", "memory", "ti
 
 @dataclass
 class StepResult:
-    """One commit's verdict: its label, why, and what each run found."""
+    """One commit's verdict: its label, why, what each run found, and its kernel's identity."""
 
     commit: str
     subject: str
@@ -169,6 +291,8 @@ class StepResult:
     reason: str
     runs: list = field(default_factory=list)
     seconds: float = 0.0
+    signature: list = field(default_factory=list)
+    kernel_signature: str | None = None
 
     @property
     def git_exit(self) -> int:
@@ -182,51 +306,101 @@ def _read_summary(out: Path) -> dict:
         return {}
 
 
+def built_vmlinux(summary: dict) -> Path | None:
+    """The vmlinux of the build a run's summary.json names, if it built one."""
+    root = (summary.get("kernel") or {}).get("build_dir")
+    if not root:
+        return None
+    from runner import build
+
+    return build.BuildDir(Path(root), "").obj / "vmlinux"
+
+
 def run_record(number: int, out: Path, exit_code: int, reason: str) -> dict:
     """What one run found, from its exit code and the summary.json it left."""
     summary = _read_summary(out)
+    failing = [{"name": t.get("name"), "message": t.get("message", "")}
+               for t in summary.get("tests", []) if t.get("outcome") in ("failed", "error")]
+    names = sorted({str(t["name"]) for t in failing})
+    vmlinux = built_vmlinux(summary) if exit_code != ExitCode.BUILD_FAILURE else None
     return {
         "run": number,
         "output": str(out),
         "exit_code": exit_code,
-        "outcome": outcome_of(exit_code),
+        "outcome": run_outcome(exit_code, names),
         "verdict": summary.get("verdict"),
         "reason": summary.get("reason") or reason,
-        "failing": [{"name": t.get("name"), "message": t.get("message", "")}
-                    for t in summary.get("tests", [])
-                    if t.get("outcome") in ("failed", "error")],
+        "failing": failing,
+        "signature": names,
         "splats": summary.get("splats", []),
         "timings": summary.get("timings", {}),
+        "kernel_signature": kernel_signature(vmlinux) if vmlinux else None,
     }
 
 
 RunOnce = Callable[[pipeline.RunOptions, Callable[[str], None]], int]
 
 
+def step_options(tree: Path, options: pipeline.RunOptions) -> pipeline.RunOptions:
+    """The run options for the checked-out commit: its tree, plus the fragments its version needs."""
+    extra = version_fragments(source.tree_version(tree)) if (tree / "Makefile").exists() else []
+    return replace(options, kernel_src=tree, config=[*extra, *options.config])
+
+
 def run_step(tree: Path, options: pipeline.RunOptions, runs: int, step_dir: Path,
-             run_once: RunOnce = pipeline.run, log: Callable[[str], None] = print) -> StepResult:
-    """Test the checked-out commit up to `runs` times; stop at the first run that is not good."""
+             run_once: RunOnce = pipeline.run, log: Callable[[str], None] = print,
+             retries: int = DEFAULT_RETRIES, signature: Sequence[str] = ()) -> StepResult:
+    """Test the checked-out commit by the rule in the module docstring."""
     started = time.monotonic()
     commit = _git(tree, "rev-parse", "HEAD").stdout.strip()
     subject = _git(tree, "log", "-1", "--format=%s", "HEAD").stdout.strip()
     result = StepResult(commit, subject, GOOD, "")
+    wanted = set(signature)
+    judged, passed, retried, other = 0, 0, 0, []
     try:
-        for number in range(1, runs + 1):
+        options = step_options(tree, options)
+        number = 0
+        while judged < runs:
+            number += 1
             out = step_dir / f"run-{number}"
             reason = ""
             try:
-                code = int(run_once(replace(options, output=out, kernel_src=tree), log))
+                code = int(run_once(replace(options, output=out), log))
             except RunnerError as error:
                 code, reason = int(error.exit_code), error.message
             record = run_record(number, out, code, reason)
             result.runs.append(record)
-            if record["outcome"] != GOOD:
-                result.outcome = record["outcome"]
-                prefix = f"run {number} of {runs}: " if runs > 1 else ""
-                result.reason = prefix + (record["reason"] or f"exit {code}")
+            result.kernel_signature = result.kernel_signature or record["kernel_signature"]
+            outcome, why = record["outcome"], record["reason"] or f"exit {code}"
+            if outcome == RETRY:
+                if retried < retries:
+                    retried += 1
+                    log(f"bisect step: run {number} says nothing about the commit ({why}); "
+                        f"retry {retried} of {retries}")
+                    continue
+                result.outcome = SKIP
+                result.reason = f"not judged after {retried} retries: {why}"
                 break
+            if outcome in (SKIP, ABORT):
+                result.outcome, result.reason = outcome, why
+                break
+            judged += 1
+            if outcome == GOOD:
+                passed += 1
+                continue
+            if not wanted or wanted & set(record["signature"]):
+                result.outcome, result.signature = BAD, record["signature"]
+                prefix = f"run {number}: " if runs > 1 or number > 1 else ""
+                result.reason = prefix + why
+                break
+            other.append(", ".join(record["signature"]))
         else:
-            result.reason = f"{runs} run(s) passed"
+            if passed == runs:
+                result.reason = f"{runs} run(s) passed"
+            else:
+                result.outcome = SKIP
+                result.reason = (f"failed only tests outside the signature "
+                                 f"({'; '.join(other)}); {passed} of {runs} run(s) passed")
     except (KeyboardInterrupt, Interrupted):
         result.outcome, result.reason = ABORT, "interrupted"
     except Exception as exc:  # noqa: BLE001 - a runner bug must stop the bisect, not label
@@ -236,7 +410,7 @@ def run_step(tree: Path, options: pipeline.RunOptions, runs: int, step_dir: Path
 
 
 def next_step_dir(out: Path, commit: str) -> Path:
-    """<out>/steps/NN-<commit12>, numbered in the order git chose the commits."""
+    """<out>/steps/NN-<commit12>, numbered in the order the commits were tested."""
     steps = out / STEPS_DIR
     steps.mkdir(parents=True, exist_ok=True)
     number = len([p for p in steps.iterdir() if p.is_dir()]) + 1
@@ -271,14 +445,19 @@ def step_main(argv: Sequence[str], run_once: RunOnce = pipeline.run) -> int:
         options = cli.options_from_args(args, list(argv))
         commit = _git(tree, "rev-parse", "HEAD").stdout.strip()
         step_dir = next_step_dir(out, commit)
-    except SystemExit as exit_:  # argparse: --help is 0, a bad option 2; both stop git
+    except SystemExit as exit_:  # argparse: a bad option is 2, --help 0 or 255; 2 stops git
         return GIT_EXIT[ABORT] if exit_.code else 0
     except RunnerError as error:
         print(f"bisect step: error: {error.message}", file=sys.stderr)
         return GIT_EXIT[ABORT]
     except (KeyboardInterrupt, Interrupted):
         return GIT_EXIT[ABORT]
-    result = run_step(tree, options, args.runs, step_dir, run_once)
+    except Exception:  # noqa: BLE001 - a traceback exits 1, which git would read as bad
+        traceback.print_exc()
+        return GIT_EXIT[ABORT]
+    os.environ.update(REPRODUCIBLE_BUILD_ENV)
+    result = run_step(tree, options, args.runs, step_dir, run_once, retries=args.retries,
+                      signature=args.signature)
     write_verdict(step_dir, result)
     print(f"bisect step {step_dir.name}: {result.commit[:12]} {result.subject!r} -> "
           f"{result.outcome.upper()} ({result.reason}) in {result.seconds:.0f} s", flush=True)
@@ -290,8 +469,7 @@ def step_main(argv: Sequence[str], run_once: RunOnce = pipeline.run) -> int:
 
 def check_tree(tree: Path, good: str, bad: str) -> tuple[str, str]:
     """Refuse trees git bisect would trip over; return (good, bad) as full commit ids."""
-    if Path(_git(tree, "rev-parse", "--path-format=absolute", "--git-path",
-                 "BISECT_START").stdout.strip()).exists():
+    if bisect_in_progress(tree):
         raise UsageError(f"a bisect is already in progress in {tree}; finish it with "
                          "'git bisect reset' first")
     dirty = _git(tree, "status", "--porcelain", "--untracked-files=no").stdout.strip()
@@ -316,7 +494,7 @@ def check_tree(tree: Path, good: str, bad: str) -> tuple[str, str]:
 
 @dataclass
 class BisectResult:
-    """How the bisect ended: found (first_bad), inconclusive (candidates) or aborted."""
+    """How the bisect ended: found (first_bad), inconclusive (candidates), refused or aborted."""
 
     status: str
     first_bad: str | None = None
@@ -325,6 +503,8 @@ class BisectResult:
     seconds: float = 0.0
     reset_ok: bool = True
     messages: list = field(default_factory=list)
+    signature: list = field(default_factory=list)
+    identical_to_parent: bool | None = None
 
 
 FIRST_BAD = re.compile(r"^([0-9a-f]{40}) is the first bad commit$", re.MULTILINE)
@@ -354,24 +534,36 @@ def load_steps(out: Path) -> list[dict]:
     return steps
 
 
-def _stop(process: subprocess.Popen, log: Callable[[str], None]) -> None:
-    """Stop `git bisect run` and its step: SIGINT lets the step restore the tree first."""
-    for sig, wait in ((signal.SIGINT, STOP_GRACE_SECONDS), (signal.SIGTERM, 10.0),
-                      (signal.SIGKILL, 10.0)):
+@dataclass(frozen=True)
+class StopGrace:
+    """Seconds each signal gets before the next, stronger one, when the driver is stopped."""
+
+    interrupt: float = 60.0  # SIGINT: the step removes its series and restores the tree
+    terminate: float = 10.0
+    kill: float = 10.0
+
+
+STOP_GRACE = StopGrace()
+_POLL_SECONDS = 0.05
+
+
+def _stop(process: subprocess.Popen, log: Callable[[str], None], grace: StopGrace) -> None:
+    """Stop the child and its process group; each wait ends as soon as the group is gone."""
+    for sig, wait in ((signal.SIGINT, grace.interrupt), (signal.SIGTERM, grace.terminate),
+                      (signal.SIGKILL, grace.kill)):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             return
+        deadline = time.monotonic() + wait
         try:
-            process.wait(timeout=wait)
-            # The group may outlive git (the step restoring the tree): wait for it too.
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and _group_alive(process.pid):
-                time.sleep(0.2)
-            if not _group_alive(process.pid):
-                return
-        except subprocess.TimeoutExpired:
-            pass
+            # The group may outlive the child (a step restoring the tree): wait for both.
+            while time.monotonic() < deadline:
+                process.poll()
+                if not _group_alive(process.pid):
+                    process.wait()
+                    return
+                time.sleep(_POLL_SECONDS)
         except (KeyboardInterrupt, Interrupted):
             log("bisect: still stopping the step; interrupt again to force it")
 
@@ -384,6 +576,31 @@ def _group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _run_logged(command: Sequence[str], cwd: Path, run_log, log: Callable[[str], None],
+                grace: StopGrace) -> tuple[str, bool]:
+    """Run a command in `cwd` in its own process group, teeing its output; (output, interrupted).
+
+    `git bisect run` runs its step in the tree; the endpoint checks do the same.
+    """
+    output: list[str] = []
+    process = subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, errors="replace", bufsize=1, start_new_session=True,
+                               cwd=cwd, env=dict(os.environ, LC_ALL="C"))
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            output.append(line)
+            run_log.write(line)
+            run_log.flush()
+            log(line.rstrip("\n"))
+        process.wait()
+    except (KeyboardInterrupt, Interrupted):
+        log("bisect: interrupted; stopping the current step and restoring the tree")
+        _stop(process, log, grace)
+        return "".join(output), True
+    return "".join(output), False
 
 
 def restore_tree(tree: Path, journal_dir: Path | None, log: Callable[[str], None]) -> bool:
@@ -404,48 +621,91 @@ def restore_tree(tree: Path, journal_dir: Path | None, log: Callable[[str], None
     return True
 
 
-def drive(tree: Path, good: str, bad: str, step_command: Sequence[str], out: Path,
-          journal_dir: Path | None = None, log: Callable[[str], None] = print) -> BisectResult:
-    """Run `git bisect run step_command` between good and bad; the tree is always reset.
+def _endpoint_refusal(role: str, sha: str, step: dict) -> str | None:
+    """Why an endpoint's step forbids bisecting, or None when it is what it should be."""
+    outcome, reason = step.get("outcome"), step.get("reason", "?")
+    wanted = GOOD if role == "good" else BAD
+    if outcome == wanted:
+        return None
+    short = f"--{role} {sha[:12]}"
+    if role == "good" and outcome == BAD:
+        return (f"{short} fails too ({', '.join(step.get('signature') or []) or reason}); "
+                "pick an older --good where the selected tests pass")
+    if role == "bad" and outcome == GOOD:
+        return (f"{short} passes the selected tests ({reason}); nothing to bisect: check "
+                "-k/-m, or raise --runs for a flaky failure")
+    return f"{short} could not be judged ({outcome}: {reason}); pick one that builds and boots"
 
-    The step runs in its own process group so Ctrl-C and SIGTERM reach it
-    through this driver, which then waits for it to restore the tree before
-    resetting.
+
+def check_endpoints(tree: Path, good: str, bad: str, command: Sequence[str], out: Path,
+                    run_log, log: Callable[[str], None], grace: StopGrace) -> list[str] | None:
+    """Test --good and --bad with the step; the bad one's failing tests, None if interrupted.
+
+    Raises UsageError, one line, when good does not pass or bad does not fail:
+    a bisect between such endpoints would name a commit that proves nothing.
     """
+    verdicts = {}
+    for role, sha in (("good", good), ("bad", bad)):
+        proc = _git(tree, "checkout", "-q", "--detach", sha)
+        if proc.returncode != 0:
+            raise UsageError(f"cannot check out --{role} {sha[:12]}: "
+                             f"{proc.stderr.strip().splitlines()[-1:]}")
+        log(f"bisect: checking that --{role} {sha[:12]} is {role}")
+        before = {s["dir"] for s in load_steps(out)}
+        _, interrupted = _run_logged(command, tree, run_log, log, grace)
+        if interrupted:
+            return None
+        new = [s for s in load_steps(out) if s["dir"] not in before and s.get("commit") == sha]
+        if not new:
+            raise UsageError(f"the step left no verdict for --{role} {sha[:12]}; see "
+                             f"{out / RUN_LOG}")
+        refusal = _endpoint_refusal(role, sha, new[-1])
+        if refusal:
+            raise UsageError(refusal)
+        verdicts[role] = new[-1]
+    return list(verdicts["bad"].get("signature") or [])
+
+
+def drive(tree: Path, good: str, bad: str, step_command: Sequence[str], out: Path,
+          journal_dir: Path | None = None, log: Callable[[str], None] = print,
+          grace: StopGrace | None = None) -> BisectResult:
+    """Check the endpoints, then `git bisect run step_command`; the tree is always reset.
+
+    Steps run in their own process group so Ctrl-C and SIGTERM reach them
+    through this driver, which then waits for them to restore the tree before
+    resetting.  A refused endpoint raises UsageError (after the reset).
+    """
+    grace = grace or STOP_GRACE
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     result = BisectResult("aborted")
-    interrupted = False
     proc = _git(tree, "bisect", "start", bad, good)
     if proc.returncode != 0:
         raise UsageError(f"git bisect start failed in {tree}: "
                          f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
-    output: list[str] = []
+    first = _git(tree, "rev-parse", "HEAD").stdout.strip()
     try:
         log(f"bisect: {good[:12]} (good) .. {bad[:12]} (bad) in {tree}")
         with open(out / RUN_LOG, "w", errors="replace") as run_log:
-            process = subprocess.Popen(
-                ["git", "-C", str(tree), "bisect", "run", *step_command],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                errors="replace", bufsize=1, start_new_session=True,
-                env=dict(os.environ, LC_ALL="C"),
-            )
-            try:
-                assert process.stdout is not None
-                for line in process.stdout:
-                    output.append(line)
-                    run_log.write(line)
-                    run_log.flush()
-                    log(line.rstrip("\n"))
-                process.wait()
-            except (KeyboardInterrupt, Interrupted):
-                interrupted = True
-                log("bisect: interrupted; stopping the current step and restoring the tree")
-                _stop(process, log)
-        status, first_bad, candidates = parse_bisect_output("".join(output))
+            signature = check_endpoints(tree, good, bad, step_command, out, run_log, log, grace)
+            if signature is None:
+                result.status = "interrupted"
+                return result
+            result.signature = signature
+            if signature:
+                log(f"bisect: looking for the first commit failing {', '.join(signature)}")
+            _git(tree, "checkout", "-q", "--detach", first, check=True)
+            command = [*step_command, *(arg for test in signature
+                                        for arg in ("--signature", test))]
+            output, interrupted = _run_logged(["git", "bisect", "run", *command], tree,
+                                              run_log, log, grace)
+        status, first_bad, candidates = parse_bisect_output(output)
         result.status = "interrupted" if interrupted else status
         result.first_bad, result.candidates = first_bad, candidates
         (out / GIT_BISECT_LOG).write_text(_git(tree, "bisect", "log").stdout)
+        if first_bad:
+            parent = _git(tree, "rev-parse", "--verify", "--quiet", f"{first_bad}^").stdout
+            result.identical_to_parent = same_kernel(load_steps(out), first_bad, parent.strip())
     finally:
         result.reset_ok = restore_tree(tree, journal_dir, log)
         result.steps = load_steps(out)
@@ -454,13 +714,28 @@ def drive(tree: Path, good: str, bad: str, step_command: Sequence[str], out: Pat
     return result
 
 
+def same_kernel(steps: Sequence[dict], commit: str, parent: str) -> bool | None:
+    """Whether two tested commits built the same kernel; None when either was not built."""
+    def signature_of(sha: str) -> str | None:
+        found = [s.get("kernel_signature") for s in steps if s.get("commit") == sha]
+        return next((sig for sig in reversed(found) if sig), None)
+
+    mine, theirs = signature_of(commit), signature_of(parent)
+    if not mine or not theirs:
+        return None
+    return mine == theirs
+
+
 def write_result(out: Path, tree: Path, good: str, bad: str, result: BisectResult) -> None:
     """bisect.json: endpoints, outcome and every step with its time."""
     record = {"tree": str(tree), "good": good, "bad": bad, "status": result.status,
               "first_bad": result.first_bad, "candidates": result.candidates,
+              "signature": result.signature,
+              "identical_to_parent": result.identical_to_parent,
               "seconds": result.seconds, "reset_ok": result.reset_ok,
               "steps": [{k: s.get(k) for k in ("dir", "commit", "subject", "outcome",
-                                                "reason", "seconds")}
+                                                "reason", "seconds", "signature",
+                                                "kernel_signature")}
                         for s in result.steps]}
     (out / RESULT_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
@@ -506,6 +781,18 @@ def describe_failure(step: dict, excerpt_lines: int = 15) -> list[str]:
     return lines
 
 
+def describe_identity(result: BisectResult) -> str:
+    """Whether the culprit changed the kernel at all, in one line."""
+    if result.identical_to_parent is None:
+        return ("  kernel: not compared with the parent's (the parent was not built during "
+                "this bisect)")
+    if result.identical_to_parent:
+        return ("  kernel: IDENTICAL to its parent's (same vmlinux code and data): this "
+                "commit does not change the kernel under test, so the failure is flaky or "
+                "comes from outside the kernel; do not blame it")
+    return "  kernel: differs from its parent's"
+
+
 def report(tree: Path, result: BisectResult, bad: str, log: Callable[[str], None]) -> int:
     """Print the steps and the answer; return the subcommand's exit code."""
     log("")
@@ -516,15 +803,16 @@ def report(tree: Path, result: BisectResult, bad: str, log: Callable[[str], None
     if result.status == "found":
         sha = result.first_bad or ""
         log(f"first bad commit: {sha[:12]} {_subject(tree, sha)}")
+        if result.signature:
+            log(f"  signature: {', '.join(result.signature)}")
         tested = [s for s in result.steps if s.get("commit") == sha]
         if tested:
             for line in describe_failure(tested[-1]):
                 log(line)
-        elif sha == bad:
-            log("  (the --bad commit itself: every commit after --good passed)")
+        log(describe_identity(result))
     elif result.status == "inconclusive":
-        log("bisect: inconclusive; commits that could not be built or patched hide the "
-            "first bad one, which is one of:")
+        log("bisect: inconclusive; commits that could not be judged (build, series, or "
+            "infrastructure failures after retries) hide the first bad one, which is one of:")
         for sha in result.candidates:
             log(f"  {sha[:12]} {_subject(tree, sha)}")
         code = int(ExitCode.BUILD_FAILURE)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,37 +25,61 @@ from runner.errors import ExitCode, UsageError
 
 # The stand-in for pipeline.run, driven by the commit's `behaviour` file.
 STANDIN = textwrap.dedent('''\
-    import json, os, signal, sys, time
+    import json, os, shutil, signal, sys, time
     from pathlib import Path
     from runner import artifacts, bisect, errors, patches
 
-    def summary(out, verdict, tests=(), splats=()):
+    SIGNATURE_TEST = "test_teardown::test_closed_sockets_leave_no_storage_in_the_map"
+
+    def summary(out, verdict, tests=(), splats=(), kernel="/bin/false"):
+        # A real ELF stands in for vmlinux, so the report can compare kernels.
+        obj = out / "build" / "obj"
+        obj.mkdir(parents=True)
+        shutil.copy(kernel, obj / "vmlinux")
         artifacts.write_summary(out, {"verdict": verdict, "reason": verdict,
                                       "tests": list(tests), "splats": list(splats),
+                                      "kernel": {"build_dir": str(out / "build")},
                                       "timings": {"build": 2.0, "guest": 3.0}})
+
+    def failed(out, name=SIGNATURE_TEST, kernel="/bin/false"):
+        summary(out, "test failure", [
+            {"name": "test_teardown::test_a", "outcome": "passed"},
+            {"name": name, "outcome": "failed", "message": "assert 12 == 0"}], kernel=kernel)
+        return 1
 
     def run_once(options, log):
         tree, out = Path(options.kernel_src), Path(options.output)
         out.mkdir(parents=True, exist_ok=True)
         behaviour = (tree / "behaviour").read_text().strip()
         run = int(out.name.split("-")[1])
-        log(f"stand-in: {behaviour} (run {run}, -k {options.keyword})")
-        if behaviour == "pass" or (behaviour == "flaky" and run != 2):
-            summary(out, "pass", [{"name": "test_teardown::test_a", "outcome": "passed"}])
+        log(f"stand-in: {behaviour} (run {run}, -k {options.keyword}, "
+            f"config {[p.name for p in options.config]})")
+        if behaviour == "pass" or (behaviour == "flaky" and run != 2) or (
+                behaviour == "boot-flake" and run != 1):
+            summary(out, "pass", [{"name": "test_teardown::test_a", "outcome": "passed"}],
+                    kernel="/bin/true")
             return 0
-        if behaviour in ("fail", "flaky"):
-            summary(out, "test failure", [
-                {"name": "test_teardown::test_a", "outcome": "passed"},
-                {"name": "test_teardown::test_closed_sockets_leave_no_storage_in_the_map",
-                 "outcome": "failed", "message": "assert 12 == 0"}])
-            return 1
+        if behaviour in ("fail", "flaky") or (behaviour == "infra-then-fail" and run != 1):
+            return failed(out)
+        if behaviour == "fail-same-kernel":
+            return failed(out, kernel="/bin/true")
+        if behaviour == "other-fail":
+            return failed(out, name="test_map_create::test_something_else")
         if behaviour == "splat":
-            summary(out, "kernel splat", splats=[{"kind": "KASAN", "line": 7,
-                    "excerpt": "BUG: KASAN: use-after-free in bpf_sk_storage_free"}])
+            summary(out, "kernel splat", [{"name": SIGNATURE_TEST, "outcome": "failed",
+                                           "message": "kernel splat during the test"}],
+                    splats=[{"kind": "KASAN", "line": 7,
+                             "excerpt": "BUG: KASAN: use-after-free in bpf_sk_storage_free"}])
             return 3
+        if behaviour == "boot-flake":
+            summary(out, "crash", splats=[{"kind": "panic", "line": 3, "excerpt": "panic"}])
+            return 3
+        if behaviour == "timeout":
+            summary(out, "timeout")
+            return 4
         if behaviour == "nobuild":
             raise errors.BuildError("kernel build failed (make exit 2)")
-        if behaviour == "infra":
+        if behaviour in ("infra", "infra-then-fail"):
             raise errors.InfrastructureError("QEMU could not start: no space left")
         if behaviour == "bug":
             raise ValueError("boom")
@@ -87,7 +112,7 @@ HARNESS = textwrap.dedent('''\
     from runner.interrupts import install_sigterm_handler
 
     install_sigterm_handler()
-    bisect.STOP_GRACE_SECONDS = 2.0
+    bisect.STOP_GRACE = bisect.StopGrace(interrupt=2.0, terminate=0.5, kill=5.0)
     tree, good, bad, out, journal = (Path(a) for a in sys.argv[1:6])
     result = bisect.drive(tree, str(good), str(bad), sys.argv[6:], out, journal)
     sys.exit(bisect.report(tree, result, str(bad), print))
@@ -150,21 +175,22 @@ def bisect_repo(tmp_path, standin, behaviours, runs=1, journal=None):
 # --- mapping ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code, outcome", [
-    (ExitCode.PASS, "good"),
-    (ExitCode.TEST_FAILURE, "bad"),
-    (ExitCode.SPLAT, "bad"),
-    (ExitCode.TIMEOUT, "bad"),
-    (ExitCode.BUILD_FAILURE, "skip"),
-    (ExitCode.PATCH_FAILURE, "skip"),
-    (ExitCode.USAGE, "abort"),
-    (ExitCode.INFRASTRUCTURE, "abort"),
-    (ExitCode.INTERRUPTED, "abort"),
-    (42, "abort"),
-    (-9, "abort"),
+@pytest.mark.parametrize("code, failing, outcome", [
+    (ExitCode.PASS, [], "good"),
+    (ExitCode.TEST_FAILURE, ["t::a"], "bad"),
+    (ExitCode.SPLAT, ["t::a"], "bad"),        # a splat a selected test failed on
+    (ExitCode.SPLAT, [], "retry"),            # the guest died with no test failing
+    (ExitCode.TIMEOUT, [], "retry"),
+    (ExitCode.INFRASTRUCTURE, [], "retry"),
+    (ExitCode.BUILD_FAILURE, [], "skip"),
+    (ExitCode.PATCH_FAILURE, [], "skip"),
+    (ExitCode.USAGE, [], "abort"),
+    (ExitCode.INTERRUPTED, [], "abort"),
+    (42, [], "abort"),
+    (-9, [], "abort"),
 ])
-def test_exit_codes_map_to_bisect_labels(code, outcome):
-    assert bisect.outcome_of(int(code)) == outcome
+def test_exit_codes_map_to_bisect_labels(code, failing, outcome):
+    assert bisect.run_outcome(int(code), failing) == outcome
 
 
 def test_git_exit_codes_are_what_git_bisect_run_understands():
@@ -220,21 +246,72 @@ def test_skips_next_to_the_answer_leave_candidates(tmp_path, standin):
     assert f"{commits[4][:12]} c4: nobuild" in text
 
 
-@pytest.mark.parametrize("behaviour, why", [
-    ("infra", "QEMU could not start"),
-    ("bug", "runner bug: ValueError: boom"),
-])
-def test_infrastructure_errors_and_runner_bugs_abort_without_labelling(
-        tmp_path, standin, behaviour, why):
-    behaviours = ["pass"] * 4 + [behaviour] + ["fail"] * 4
+def test_a_runner_bug_aborts_without_labelling(tmp_path, standin):
+    behaviours = ["pass"] * 4 + ["bug"] + ["fail"] * 4
     commits, result, code, text = bisect_repo(tmp_path, standin, behaviours)
     assert result.status == "aborted" and result.first_bad is None
     assert code == ExitCode.INFRASTRUCTURE
     assert result.steps[-1]["commit"] == commits[4] and result.steps[-1]["outcome"] == "abort"
-    assert f"aborted at {commits[4][:12]}" in text and why in text
+    assert f"aborted at {commits[4][:12]}" in text and "runner bug: ValueError: boom" in text
     log = (tmp_path / "out" / bisect.GIT_BISECT_LOG).read_text()
     labelled = [line for line in log.splitlines() if not line.startswith("#")]
     assert not any(commits[4] in line for line in labelled)
+
+
+@pytest.mark.parametrize("behaviour, why", [
+    ("infra", "QEMU could not start"),
+    ("timeout", "timeout"),
+    ("boot-flake-forever", None),
+])
+def test_infrastructure_failures_are_retried_then_skipped_never_bad(
+        tmp_path, standin, behaviour, why):
+    if behaviour == "boot-flake-forever":
+        behaviour, why = "splat-no-test", "crash"
+    # The injected commit c4 is the one git tests first; c7 is the answer either way.
+    behaviours = ["pass"] * 4 + [behaviour] + ["pass"] * 2 + ["fail"] * 2
+    if behaviour == "splat-no-test":
+        # Run 1's guest dies with no test failing, the retry passes: good after one retry.
+        behaviours[4] = "boot-flake"
+    commits, result, code, text = bisect_repo(tmp_path, standin, behaviours)
+    assert (result.status, result.first_bad, code) == ("found", commits[7], 0), text
+    tested = [s for s in result.steps if s["commit"] == commits[4]]
+    assert tested, "git never tested the injected commit; the test proves nothing"
+    step = tested[0]
+    if behaviours[4] == "boot-flake":
+        assert step["outcome"] == "good" and len(step["runs"]) == 2
+        assert step["runs"][0]["outcome"] == "retry"
+    else:
+        assert step["outcome"] == "skip" and why in step["reason"]
+        # One run and the default two retries, then skipped.
+        assert len(step["runs"]) == 1 + bisect.DEFAULT_RETRIES
+        assert step["reason"].startswith("not judged after 2 retries")
+    assert all(s["outcome"] != "bad" for s in tested)
+
+
+def test_an_infrastructure_failure_next_to_the_answer_is_never_blamed(tmp_path, standin):
+    behaviours = ["pass"] * 4 + ["infra"] + ["fail"] * 3
+    commits, result, code, text = bisect_repo(tmp_path, standin, behaviours)
+    assert result.status == "inconclusive" and commits[4] in result.candidates
+    assert result.first_bad is None
+
+
+def test_a_retry_that_then_fails_labels_the_commit_bad(tmp_path, standin):
+    behaviours = ["pass"] * 4 + ["infra-then-fail"] + ["fail"] * 3
+    commits, result, code, text = bisect_repo(tmp_path, standin, behaviours)
+    assert result.first_bad == commits[4] and code == 0
+    step = [s for s in result.steps if s["commit"] == commits[4]][0]
+    assert [r["outcome"] for r in step["runs"]] == ["retry", "bad"]
+    assert step["reason"].startswith("run 2: ")
+
+
+def test_a_commit_failing_only_other_tests_is_skipped_not_blamed(tmp_path, standin):
+    behaviours = ["pass"] * 4 + ["other-fail"] + ["pass"] * 2 + ["fail"] * 2
+    commits, result, code, text = bisect_repo(tmp_path, standin, behaviours)
+    assert (result.status, result.first_bad) == ("found", commits[7]), text
+    assert result.signature == ["test_teardown::test_closed_sockets_leave_no_storage_in_the_map"]
+    step = [s for s in result.steps if s["commit"] == commits[4]][0]
+    assert step["outcome"] == "skip"
+    assert "test_map_create::test_something_else" in step["reason"]
 
 
 @pytest.mark.parametrize("runs, first_bad", [(1, 5), (3, 4)])
@@ -247,7 +324,7 @@ def test_runs_catch_a_flaky_failure(tmp_path, standin, runs, first_bad):
     flaky = [s for s in result.steps if s["commit"] == commits[4]]
     if runs == 3:
         assert flaky[0]["outcome"] == "bad" and len(flaky[0]["runs"]) == 2
-        assert flaky[0]["reason"].startswith("run 2 of 3: ")
+        assert flaky[0]["reason"].startswith("run 2: ")
     good = [s for s in result.steps if s["outcome"] == "good"]
     assert all(len(s["runs"]) == runs for s in good)
 
@@ -406,3 +483,133 @@ def test_the_subcommand_refuses_an_output_directory_holding_another_bisect(tmp_p
     with pytest.raises(UsageError, match="already holds the steps of a bisect"):
         bisect.main(args)
     assert_restored(tree)
+
+
+# --- endpoints, signatures and kernels -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("behaviours, refusal", [
+    (["fail", "pass", "fail"], "--good .* fails too .*test_closed_sockets.*pick an older --good"),
+    (["pass", "fail", "pass"], "--bad .* passes the selected tests"),
+    (["pass", "pass", "nobuild"], "--bad .* could not be judged \\(skip: kernel build failed"),
+])
+def test_endpoints_are_checked_before_bisecting(tmp_path, standin, behaviours, refusal):
+    tree = tmp_path / "tree"
+    commits = make_repo(tree, behaviours)
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match=refusal) as caught:
+        bisect.drive(tree, commits[0], commits[-1], step_command(standin, out), out,
+                     log=lambda line: None)
+    assert "\n" not in caught.value.message
+    assert_restored(tree)
+    # git bisect run never started: only the endpoint checks ran.
+    assert not (out / bisect.GIT_BISECT_LOG).exists()
+    assert {s["commit"] for s in bisect.load_steps(out)} <= {commits[0], commits[-1]}
+
+
+def test_the_report_says_when_the_culprit_builds_its_parents_kernel(tmp_path, standin):
+    commits, result, code, text = bisect_repo(
+        tmp_path, standin, ["pass", "pass", "fail-same-kernel"])
+    assert result.first_bad == commits[2] and result.identical_to_parent is True
+    assert "kernel: IDENTICAL to its parent's" in text and "do not blame it" in text
+    assert "signature: test_teardown::test_closed_sockets_leave_no_storage_in_the_map" in text
+    saved = json.loads((tmp_path / "out" / bisect.RESULT_FILE).read_text())
+    assert saved["identical_to_parent"] is True
+
+
+def test_a_culprit_that_changes_the_kernel_is_reported_as_such(tmp_path, standin):
+    commits, result, code, text = bisect_repo(tmp_path, standin, ["pass", "pass", "fail"])
+    assert result.first_bad == commits[2] and result.identical_to_parent is False
+    assert "kernel: differs from its parent's" in text
+
+
+def test_kernel_signature_ignores_what_is_not_loaded(tmp_path):
+    objcopy = shutil.which("objcopy")
+    if objcopy is None:
+        pytest.skip("objcopy (binutils) is needed to make the ELF variants")
+    true, false = tmp_path / "true", tmp_path / "false"
+    shutil.copy("/bin/true", true)
+    shutil.copy("/bin/false", false)
+    assert bisect.kernel_signature(true) != bisect.kernel_signature(false)
+    # A non-allocated section (like debug info) changes the file, not the kernel.
+    note = tmp_path / "note"
+    note.write_text("built on another day\n")
+    commented = tmp_path / "commented"
+    subprocess.run([objcopy, "--add-section", f".comment.bisect={note}", str(true),
+                    str(commented)], check=True)
+    assert commented.read_bytes() != true.read_bytes()
+    assert bisect.kernel_signature(commented) == bisect.kernel_signature(true)
+    assert bisect.kernel_signature(note) is None
+    assert bisect.kernel_signature(tmp_path / "absent") is None
+
+
+@pytest.mark.parametrize("version, fragments", [
+    ("5.10.223", ["before-5.18.config"]),
+    ("5.17.0-rc3", ["before-5.18.config"]),
+    ("5.18.0", []),
+    ("6.1.192", []),
+])
+def test_fragments_follow_the_trees_version(version, fragments):
+    assert [p.name for p in bisect.version_fragments(version)] == fragments
+    for path in bisect.version_fragments(version):
+        assert path.is_file()
+
+
+def test_a_step_on_an_old_tree_builds_with_the_old_fragment(tmp_path):
+    tree = tmp_path / "tree"
+    make_repo(tree, ["pass"])
+    (tree / "Makefile").write_text("VERSION = 5\nPATCHLEVEL = 10\nSUBLEVEL = 0\nEXTRAVERSION =\n")
+    user = tmp_path / "user.config"
+    user.write_text("CONFIG_X=y\n")
+    seen = []
+
+    def run_once(options, log):
+        seen.append(list(options.config))
+        return 0
+
+    result = bisect.run_step(tree, bisect.pipeline.RunOptions(config=[user]), 1,
+                             tmp_path / "step", run_once, log=lambda line: None)
+    assert result.outcome == "good"
+    assert [p.name for p in seen[0]] == ["before-5.18.config", "user.config"]
+    fragment = bisect.version_fragments("5.10")[0].read_text()
+    assert "# CONFIG_DEBUG_INFO_DWARF_TOOLCHAIN_DEFAULT is not set" in fragment
+    assert "CONFIG_DEBUG_INFO=y" in fragment
+
+
+def test_help_inside_a_bisect_stops_git_instead_of_saying_good(tmp_path):
+    tree = tmp_path / "tree"
+    commits = make_repo(tree, ["pass", "fail"])
+    step = [sys.executable, "-m", "runner.bisect", "--help"]
+    driver = [sys.executable, "-m", "runner", "bisect", "--help"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    for command in (step, driver):
+        outside = subprocess.run(command, cwd=tree, capture_output=True, text=True, env=env)
+        assert outside.returncode == 0 and "--runs N" in outside.stdout, outside.stderr
+    git(tree, "bisect", "start", commits[1], commits[0])
+    for command in (step, driver):
+        inside = subprocess.run(command, cwd=tree, capture_output=True, text=True, env=env)
+        assert inside.returncode == 255, inside.stdout + inside.stderr
+        assert "stops 'git bisect run' instead of marking the commit good" in inside.stderr
+    git(tree, "bisect", "reset")
+
+
+def test_a_step_that_ignores_signals_is_stopped_within_the_configured_grace(tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", (
+        "import signal, time\n"
+        "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert process.stdout.readline() == "ready\n"
+    started = time.monotonic()
+    bisect._stop(process, lambda line: None, bisect.StopGrace(0.3, 0.3, 5.0))
+    assert process.returncode == -signal.SIGKILL
+    assert time.monotonic() - started < 3.0
+    # A step that exits on SIGINT ends the wait at once, whatever the grace.
+    quick = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); "
+                              "time.sleep(60)"], stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    assert quick.stdout.readline() == "ready\n"
+    started = time.monotonic()
+    bisect._stop(quick, lambda line: None, bisect.StopGrace(30.0, 30.0, 30.0))
+    assert time.monotonic() - started < 3.0
