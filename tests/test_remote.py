@@ -468,7 +468,7 @@ def test_deadline_stops_pytest_on_the_target_and_reports_a_timeout(sshd, known_h
     # --timeout counts from the connection, so a short one may pass before the
     # test has started on a loaded machine; such a run must still end as a
     # timeout, and the next, longer one shows pytest itself being stopped.
-    for attempt, timeout in enumerate((3, 6, 12, 24)):
+    for attempt, timeout in enumerate((5, 10, 20, 40)):
         out = tmp_path / f"out{attempt}"
         outcome, verdict, _, _ = remote_run(sshd, known_hosts, out, markers=None,
                                             suite=SLOW_SUITE, timeout=timeout)
@@ -480,7 +480,7 @@ def test_deadline_stops_pytest_on_the_target_and_reports_a_timeout(sshd, known_h
         if BUSY in (out / "console.log").read_text():
             break
     else:
-        pytest.fail("the slow test never started within a 24 s deadline")
+        pytest.fail("the slow test never started within a 40 s deadline")
 
 
 def assert_none_running(text: str) -> None:
@@ -527,7 +527,7 @@ def run_in_background(sshd, known_hosts, out, **kw) -> tuple:
 
 def workdir_of(lines: list) -> Path:
     (line,) = [ln for ln in lines if ln.startswith("remote: pushed")]
-    return Path(line.split(" to ", 1)[1])
+    return Path(line.split(" to ", 1)[1].rsplit(" over ", 1)[0])
 
 
 def test_connection_cut_mid_run_keeps_partial_output(sshd, known_hosts, tmp_path):
@@ -596,7 +596,9 @@ def test_command_line_target_run_reports_like_a_vm_run(sshd, known_hosts, tmp_pa
                          "--known-hosts", str(known_hosts), "-k", SMALL_SELECTION,
                          "--output", str(out), home=tmp_path / "home")
     assert proc.returncode == ExitCode.PASS, proc.stdout + proc.stderr
-    assert "VERDICT: PASS - 3 test(s), none failed (exit 0)" in proc.stdout
+    verdicts = [ln for ln in proc.stdout.splitlines() if ln.startswith("VERDICT:")]
+    assert len(verdicts) == 1 and verdicts[0].startswith("VERDICT: PASS - "), proc.stdout
+    assert verdicts[0].endswith("(exit 0)")
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["verdict"], summary["exit_code"]) == ("pass", 0)
     assert summary["counts"]["passed"] == 3
