@@ -79,6 +79,29 @@ def _prepare_state(cache: Cache, channel: AptChannel) -> Path:
     return base
 
 
+class SuiteNotPublished(UsageError):
+    """The archive no longer carries a suite (it moved to archive.debian.org or was renamed)."""
+
+    def __init__(self, suite: str):
+        super().__init__(f"Debian {suite} is no longer published on {MIRROR}")
+        self.suite = suite
+
+
+# apt's words for a suite whose Release file is gone (404), old and new apt alike.
+_NO_RELEASE = re.compile(r"The repository '(\S+) (\S+) Release' (?:does not|no longer) "
+                         r"ha(?:ve|s) a Release file")
+
+
+def unpublished_suite(channel: AptChannel, apt_output: str) -> str | None:
+    """The channel's main suite when apt-get update says its Release file is gone."""
+    main = channel.sources[0].split("]", 1)[-1].split()
+    mirror, suite = main[0], main[1]
+    for match in _NO_RELEASE.finditer(apt_output):
+        if match.group(1).rstrip("/") == mirror.rstrip("/") and match.group(2) == suite:
+            return suite
+    return None
+
+
 def _run_apt(args: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, LC_ALL="C", LANG="C")
     return subprocess.run(
@@ -111,6 +134,10 @@ def refresh_lists(
     log(f"apt: refreshing the package index of {channel.name}")
     proc = _run_apt(["apt-get", *apt_options(cache, channel), "update"])
     failed = proc.returncode != 0 or re.search(r"^(E:|W: Failed)", proc.stdout, re.MULTILINE)
+    gone = unpublished_suite(channel, proc.stdout) if failed else None
+    if gone:
+        # Not the network: an old index would only postpone the failure to the download.
+        raise SuiteNotPublished(gone)
     if failed:
         if age is not None:
             log(f"apt: refresh of {channel.name} failed, using the index from "

@@ -181,13 +181,21 @@ def fetch_distro_kernel(
         )
     suite = DISTRO_SUITES[version]
     channel = debian_archive.suite_channel(suite)
-    debian_archive.refresh_lists(cache, channel, log=log)
+    try:
+        debian_archive.refresh_lists(cache, channel, log=log)
+    except debian_archive.SuiteNotPublished as gone:
+        others = ", ".join(v for v in DISTRO_SUITES if v != version)
+        raise UsageError(
+            f"--distro-kernel {version}: {gone.message} (it left the main archive); "
+            f"pick another --distro-kernel ({others}) or boot a saved image with --kernel-image"
+        ) from None
     depends = debian_archive.package_field(cache, channel, "linux-image-amd64", "Depends") or ""
     package = distro_package_name(depends, version)
     if package is None:
         raise UsageError(
-            f"Debian {suite} no longer ships a {version} kernel (linux-image-amd64 depends on "
-            f"{depends or 'nothing'}); pick another --distro-kernel"
+            f"--distro-kernel {version}: Debian {suite} no longer ships a {version} kernel "
+            f"(linux-image-amd64 depends on {depends or 'nothing'}); pick another "
+            "--distro-kernel"
         )
     pkg_version = debian_archive.package_field(cache, channel, package, "Version")
     target = cache.distro_kernels / f"{package}_{pkg_version}"

@@ -163,7 +163,11 @@ def ensure_default_source(cache: Cache, log: Callable[[str], None] = print) -> K
         return _default_source(tree, stamp)
 
     channel = debian_archive.suite_channel(DEFAULT_SUITE, with_security=True)
-    debian_archive.refresh_lists(cache, channel, log=log)
+    try:
+        debian_archive.refresh_lists(cache, channel, log=log)
+    except debian_archive.SuiteNotPublished as gone:
+        raise UsageError(f"the default source needs {DEFAULT_PACKAGE}, but {gone.message}; "
+                         "pass --kernel-src DIR with a kernel tree") from None
     version = debian_archive.package_field(cache, channel, DEFAULT_PACKAGE, "Version")
     if version is None:
         raise InfrastructureError(

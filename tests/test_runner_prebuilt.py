@@ -10,7 +10,7 @@ from typing import Callable
 
 import pytest
 
-from runner import prebuilt
+from runner import debian_archive, prebuilt
 from runner.cache import Cache, default_cache_dir
 from runner.errors import ExitCode, InfrastructureError, UsageError
 from runner.preflight import find_tool
@@ -302,3 +302,61 @@ def test_a_part_whose_version_lags_the_image_is_an_infrastructure_error(tmp_path
     with pytest.raises(InfrastructureError, match="needs linux-modules-.* 7.2.13-1, but .* 7.2.12-1"):
         prebuilt.fetch_distro_kernel("7.2", cache, log=lambda line: None)
     assert not (cache.distro_kernels / f"linux-image-{SID_RELEASE}_7.2.13-1").exists()
+
+
+# --- a suite that left the archive ----------------------------------------------------------
+
+# What apt-get update prints when deb.debian.org no longer carries a suite (HTTP 404 on
+# its Release file), as when bullseye moved to archive.debian.org.
+APT_404 = """\
+Err:1 http://deb.debian.org/debian {suite} Release
+  404  Not Found [IP: 151.101.2.132 80]
+Reading package lists...
+E: The repository 'http://deb.debian.org/debian {suite} Release' does not have a Release file.
+N: Updating from such a repository can't be done securely, and is therefore disabled by default.
+"""
+APT_OFFLINE = """\
+Err:1 http://deb.debian.org/debian {suite} InRelease
+  Temporary failure resolving 'deb.debian.org'
+W: Failed to fetch http://deb.debian.org/debian/dists/{suite}/InRelease  Temporary failure resolving 'deb.debian.org'
+"""
+
+
+def fake_apt_get(tmp_path: Path, monkeypatch, output: str, status: int) -> None:
+    """An apt-get first on PATH that prints `output` and exits with `status`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "out.txt").write_text(output)
+    script = bin_dir / "apt-get"
+    script.write_text(f"#!/bin/sh\ncat {bin_dir / 'out.txt'}\nexit {status}\n")
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+@pytest.mark.skipif(not debian_archive.DEBIAN_KEYRING.exists(), reason="no Debian keyring")
+def test_a_distro_version_no_longer_published_is_a_one_line_usage_error(tmp_path, monkeypatch):
+    fake_apt_get(tmp_path, monkeypatch, APT_404.format(suite="bullseye"), 100)
+    with pytest.raises(UsageError) as caught:
+        prebuilt.fetch_distro_kernel("5.10", Cache(tmp_path / "cache"), log=lambda line: None)
+    error = caught.value
+    assert error.exit_code == ExitCode.USAGE and "\n" not in error.message
+    assert error.message.startswith("--distro-kernel 5.10: Debian bullseye is no longer "
+                                    "published on http://deb.debian.org/debian")
+    assert "pick another --distro-kernel (6.1, 6.12, 7.2)" in error.message
+
+
+@pytest.mark.skipif(not debian_archive.DEBIAN_KEYRING.exists(), reason="no Debian keyring")
+def test_a_network_failure_is_not_mistaken_for_an_unpublished_suite(tmp_path, monkeypatch):
+    fake_apt_get(tmp_path, monkeypatch, APT_OFFLINE.format(suite="bullseye"), 100)
+    with pytest.raises(InfrastructureError, match="check the network"):
+        prebuilt.fetch_distro_kernel("5.10", Cache(tmp_path / "cache"), log=lambda line: None)
+
+
+def test_only_the_channels_own_suite_counts_as_unpublished():
+    channel = debian_archive.suite_channel("bookworm", with_security=True)
+    assert debian_archive.unpublished_suite(channel, APT_404.format(suite="bookworm")) == \
+        "bookworm"
+    assert debian_archive.unpublished_suite(channel, APT_404.format(suite="bullseye")) is None
+    newer_apt = ("E: The repository 'http://deb.debian.org/debian bookworm Release' no longer "
+                 "has a Release file.\n")
+    assert debian_archive.unpublished_suite(channel, newer_apt) == "bookworm"
