@@ -186,18 +186,19 @@ def test_a_panic_ends_the_run_early(standin, tmp_path, monkeypatch):
 def test_a_silent_guest_is_stopped_as_stalled(standin, tmp_path, monkeypatch):
     monkeypatch.setenv("STANDIN_MODE", "stall")
     outcome, _, _ = run(standin, tmp_path, accel.AccelPlan("tcg", None, "t"),
-                        timeout=60, stall_timeout=2)
-    assert outcome.status == "stalled" and "no console output for 2 s" in outcome.detail
+                        timeout=60, stall_timeout=1)
+    assert outcome.status == "stalled" and "no console output for 1 s" in outcome.detail
     assert all(not alive(pid) for pid in qemu_pids(tmp_path))
 
 
 def test_a_busy_guest_is_stopped_at_the_timeout(standin, tmp_path, monkeypatch):
     monkeypatch.setenv("STANDIN_MODE", "chatty")
     started = time.monotonic()
+    # Output every 0.2 s keeps the 1 s stall watch quiet: only the deadline can end it.
     outcome, _, _ = run(standin, tmp_path, accel.AccelPlan("tcg", None, "t"),
-                        timeout=3, stall_timeout=2)
+                        timeout=1.5, stall_timeout=1)
     assert outcome.status == "timeout"
-    assert 3 <= time.monotonic() - started < 15
+    assert 1.5 <= time.monotonic() - started < 15
     assert all(not alive(pid) for pid in qemu_pids(tmp_path))
 
 
@@ -219,22 +220,54 @@ def test_interrupting_the_runner_kills_the_whole_guest(tmp_path):
         from pathlib import Path
         from runner import accel, boot
         out = Path({str(tmp_path / 'out')!r}); out.mkdir()
-        boot.run_guest(Path("/k"), out, "sleep 300", accel.AccelPlan("tcg", None, "t"),
-                       out / "console.log", vng={str(script)!r}, echo=print)
+        boot.run_guest(Path("/k"), out, "echo guest-started; sleep 300", accel.AccelPlan("tcg", None, "t"),
+                       out / "console.log", vng={str(script)!r},
+                       echo=lambda line: print(line, flush=True))
         """))
     import subprocess
 
     env = dict(os.environ, STANDIN_PIDFILE=str(tmp_path / "qemu.pids"))
     proc = subprocess.Popen([sys.executable, str(driver)], env=env, stdout=subprocess.PIPE,
                             text=True)
-    deadline = time.monotonic() + 30
-    while not qemu_pids(tmp_path) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(1)
+    # Interrupt once the guest command's first line is echoed: run_guest is in its watch loop.
+    import selectors
+
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        assert selector.select(timeout=30), "the stand-in guest never started"
+    assert proc.stdout.readline().strip() == "guest-started"
     pids = qemu_pids(tmp_path)
     assert pids and all(alive(pid) for pid in pids)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)
     assert proc.returncode != 0
-    time.sleep(0.5)
     assert all(not alive(pid) for pid in pids)
+
+
+def test_a_group_of_zombies_is_dead_but_a_live_member_keeps_it_alive():
+    """Orphans wait for PID 1 to reap them; the kill must not wait for that."""
+    import subprocess
+
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""\
+        import os, sys, time
+        for live in (False, True):
+            pid = os.fork()
+            if pid == 0:
+                os.setpgid(0, 0)
+                if live:
+                    time.sleep(60)
+                os._exit(0)
+            print(pid, flush=True)
+        time.sleep(60)  # never reaps the first child: it stays a zombie
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        zombie, live = int(parent.stdout.readline()), int(parent.stdout.readline())
+        deadline = time.monotonic() + 10
+        while alive(zombie) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not boot.process_group_alive(zombie)
+        assert boot.process_group_alive(live)
+    finally:
+        os.killpg(live, signal.SIGKILL)
+        parent.kill()
+        parent.wait()
