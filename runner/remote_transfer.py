@@ -129,7 +129,9 @@ class ExecTransfer:
         try:
             channel = transport.open_session(timeout=self.timeout)
             channel.settimeout(self.timeout)
-            channel.exec_command(shlex.join([self.python, "-c", script, *args]))
+            # -S: the scripts need only the standard library; skipping site
+            # saves start-up time and any .pth side effects on the target.
+            channel.exec_command(shlex.join([self.python, "-S", "-c", script, *args]))
             try:
                 channel.sendall(stdin)
                 channel.shutdown_write()
