@@ -27,6 +27,8 @@ from runner.errors import ExitCode, InfrastructureError, RunnerError, UsageError
 
 BENCH_JSON = "bench.json"
 BENCH_EXIT_FILE = "bench-exitcode"
+# The benchmark as the one "test" of its guest run, for the shared verdict.
+BENCH_TEST = "bench::egress_counter"
 SWEEP_PNG = "bench-sweep.png"
 # The guest module's exit codes (selftests/bench/egress_counter.py).
 BENCH_OK, BENCH_FAILED, BENCH_CANNOT_RUN = 0, 1, 2
@@ -110,7 +112,7 @@ def run_on_host(suite_dir: Path, out: Path, module_args: Sequence[str],
 
 
 def run_in_guest(options: pipeline.RunOptions, out: Path, module_args: Sequence[str],
-                 summary: dict, log: Callable[[str], None]) -> tuple[int | None, str]:
+                 summary: dict, log: Callable[[str], None]) -> results.Verdict:
     """Obtain and boot the kernel like a normal run with the bench as the guest command."""
     cache = open_cache(options.cache_dir)
     user_source = source.open_user_source(options.kernel_src) if options.kernel_src else None
@@ -128,16 +130,36 @@ def run_in_guest(options: pipeline.RunOptions, out: Path, module_args: Sequence[
                                   module_args)
     outcome = pipeline.boot_and_record(kernel, out, command, plan, options, cache, summary, log)
     summary["kernel"]["release"] = pipeline.kernel_release(out, kernel.release)
-    console = (out / artifacts.CONSOLE_LOG).read_text(errors="replace")
+    return judge_guest_run(out, outcome.status)
+
+
+def judge_guest_run(out: Path, boot_status: str) -> results.Verdict:
+    """The verdict of a benchmark guest, by the same judge() as a test run.
+
+    The benchmark counts as one test: passed with its verified JSON, failed with
+    its error line; when it left neither, judge() decides between a guest that
+    never started it (infrastructure) and one that died (crash).
+    """
+    console = pipeline.read_console(out)
     splats = results.find_console_splats(console)
-    if splats:
-        log(results.format_splats(splats))
-        raise RunnerError(f"the kernel splatted during the benchmark ({splats[0].kind}); "
-                          f"no numbers reported, see {out / artifacts.CONSOLE_LOG}")
-    if outcome.status != "exited":
-        raise RunnerError(f"the benchmark guest did not finish: {outcome.detail}")
+    code = results.read_exit_code(out / BENCH_EXIT_FILE)
     errors = [line.strip() for line in console.splitlines() if line.strip().startswith("bench: ")]
-    return results.read_exit_code(out / BENCH_EXIT_FILE), errors[-1] if errors else ""
+    error_line = errors[-1].removeprefix("bench: ") if errors else ""
+    tests: list[results.TestResult] | None = None
+    problem = None
+    if code == BENCH_OK and (out / BENCH_JSON).is_file():
+        tests = [results.TestResult(BENCH_TEST, "passed", "", 0.0)]
+    elif code in (BENCH_FAILED, BENCH_CANNOT_RUN) and error_line:
+        # In a guest the runner booted, "cannot run" is as much a failure as wrong counters.
+        tests = [results.TestResult(BENCH_TEST, "failed", error_line, 0.0)]
+    elif code is None:
+        problem = f"no {BENCH_EXIT_FILE}"
+    else:
+        problem = f"the benchmark exited {code} without a result or an error line"
+    pytest_like_exit = None if tests is None else (
+        results.PYTEST_OK if tests[0].outcome == "passed" else results.PYTEST_TESTS_FAILED)
+    return results.judge(boot_status, pytest_like_exit, tests, splats, problem,
+                         target=results.TARGET_VM, console=console)
 
 
 def check_exit(code: int | None, error_line: str, out: Path) -> None:
@@ -334,6 +356,7 @@ def main(args: argparse.Namespace, argv: Sequence[str] | None = None,
     options = cli.options_from_args(args, argv)
     if not args.host:
         pipeline.validate(options)
+        preflight.check_guest_visible(pipeline.guest_paths(options))
     out = artifacts.prepare_output_dir(options.output)
     for stale in (BENCH_JSON, BENCH_EXIT_FILE, SWEEP_PNG):
         (out / stale).unlink(missing_ok=True)
@@ -344,15 +367,24 @@ def main(args: argparse.Namespace, argv: Sequence[str] | None = None,
         "reproducer": f"cd {Path.cwd()} && " + artifacts.reproducer(argv, out),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "kernel": {}, "timings": {}, "bench_args": module_args,
+        "target_kind": None if args.host else results.TARGET_VM,
     }
     try:
         if args.host:
             code, error_line = run_on_host(Path(options.suite).resolve(), out, module_args, log)
+            check_exit(code, error_line, out)
             where = "none: the host's own kernel"
         else:
-            code, error_line = run_in_guest(options, out, module_args, summary, log)
+            verdict = run_in_guest(options, out, module_args, summary, log)
+            summary.update(verdict=verdict.label, reason=verdict.reason,
+                           exit_code=int(verdict.exit_code))
+            if verdict.exit_code != ExitCode.PASS:
+                splats = results.find_console_splats(pipeline.read_console(out))
+                if splats:
+                    log(results.format_splats(splats))
+                log(results.verdict_line(verdict))
+                return int(verdict.exit_code)
             where = summary["accel"]["used"]
-        check_exit(code, error_line, out)
         result = json.loads((out / BENCH_JSON).read_text())
         if args.host and result.get("cpu", {}).get("hypervisor"):
             where += " (this machine is itself a VM)"
@@ -362,9 +394,8 @@ def main(args: argparse.Namespace, argv: Sequence[str] | None = None,
                        kernel_release=result["kernel"]["release"])
         report(result, out, log)
         return int(ExitCode.PASS)
-    except RunnerError as error:
-        summary.update(verdict="error", reason=error.message, exit_code=int(error.exit_code))
-        raise
+    except BaseException as error:  # noqa: BLE001 - recorded, then raised again
+        raise pipeline.record_early_end(error, out, summary, log)
     finally:
         summary["timings"]["total"] = round(time.monotonic() - started, 2)
         summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

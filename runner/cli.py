@@ -32,6 +32,7 @@ from runner.prebuilt import DISTRO_SUITES
 SUBCOMMANDS = {
     "parse": "runner.reparse",
     "regressions": "runner.regressions",
+    "mutants": "runner.mutants",
     "bisect": "runner.bisect",
     "bench": "runner.bench",
     "matrix": "runner.matrix",
@@ -49,6 +50,9 @@ subcommands:
   run-selftests parse OUTPUT_DIR   re-judge a saved run from its files
   run-selftests regressions        build each kernel_patches/regressions patch, run the
                                    suite, table which bugs the suite caught
+  run-selftests mutants [--only ID,...] [--from-diff PATCH] [--list]
+                                   build each kernel_patches/mutants edit of the sk-storage
+                                   code, run the suite, table killed/survived and the score
   run-selftests bisect --good REV --bad REV [-k EXPR] [--series FILE] [--runs N]
                                    find the commit that broke the tests (git bisect run)
   run-selftests bench [--host] [--sweep] [--repeat N] [--burst K]
@@ -192,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return runner_bug(error)
         print(f"run-selftests: error: {known.message}", file=sys.stderr)
         return int(known.exit_code)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - any other escape is a bug: exit 8
         return runner_bug(error)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from runner import artifacts, pipeline, results
-from runner.errors import ExitCode, RunnerError, UsageError
+from runner.errors import ExitCode, UsageError
 
 DEFAULT_KERNELS = "distro:5.10,distro:6.1,distro:6.12,distro:7.2"
 KINDS = ("distro", "build", "image")
@@ -31,7 +31,8 @@ SUMMARY_MD = "matrix-summary.md"
 RUN_LOG = "runner.log"
 MATRIX_SCHEMA = 1
 NOTE_CHARS = 300
-CELL = {"passed": "pass", "failed": "**FAIL**", "error": "**ERROR**", "skipped": "skip"}
+CELL = {"passed": "pass", "failed": "**FAIL**", "error": "**ERROR**", "skipped": "skip",
+        "xfailed": "known bug"}
 
 
 @dataclass(frozen=True)
@@ -260,11 +261,8 @@ def run_kernel(options: pipeline.RunOptions, spec: KernelSpec, out: Path,
             if verbose_log is not None:
                 verbose_log(line)
 
-        try:
-            pipeline.run(options_for(options, spec, out), log=log)
-        except RunnerError as error:
-            # Recorded in summary.json by the pipeline; one kernel's problem is not the matrix's.
-            log(f"run-selftests: error: {error.message}")
+        # One kernel's problem is not the matrix's: its summary.json records it.
+        pipeline.run_recorded(options_for(options, spec, out), log)
     return column_from_dir(spec, out)
 
 
@@ -292,7 +290,8 @@ def _reject_single_kernel_options(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
-    """Run every kernel (or re-read them), write the tables; 0 only when every kernel passed."""
+    """Run every kernel (or re-read them), write the tables; 0 only when every kernel passed,
+    else the code results.overall_exit_code picks from the kernels' own verdicts."""
     from runner import cli
 
     if args.from_dir is not None:
@@ -334,5 +333,8 @@ def _finish(out: Path, columns: Sequence[KernelColumn], log: Callable[[str], Non
     log("")
     log(markdown(matrix, only_non_passing=True))
     log(f"matrix: {md_path} (every test), {out / SUMMARY_MD} and {json_path}")
-    return int(ExitCode.PASS if all(c.verdict == "pass" for c in columns)
-               else ExitCode.TEST_FAILURE)
+    if not columns:
+        log("matrix: no kernel produced a run")
+        return int(ExitCode.INFRASTRUCTURE)
+    # Each kernel's code is its own run's verdict; the matrix reports the least trustworthy.
+    return int(results.overall_exit_code(c.exit_code for c in columns))

@@ -348,20 +348,34 @@ def record_verdict(summary: dict, verdict: results.Verdict, tests, splats,
                    exit_code=int(verdict.exit_code))
 
 
-def record_runner_bug(out: Path, summary: dict, log: Callable[[str], None]) -> None:
-    """An exception escaped the runner: its traceback into the run's log and a file, exit 8.
+def record_early_end(error: BaseException, out: Path, summary: dict,
+                     log: Callable[[str], None]) -> BaseException:
+    """Record in summary.json why a run ended before its verdict; returns what to raise.
 
-    Call from an `except` block.  The exception is marked so the CLI does not print it twice.
+    A RunnerError keeps its code; only Ctrl-C/SIGTERM is "interrupted" (130);
+    a full disk or an unwritable file becomes its one-line RunnerError; any
+    other exception is a bug in the runner (exit 8): its traceback goes into
+    the run's log and RUNNER_TRACEBACK, and the exception is marked so the CLI
+    does not print it twice.  Shared by every command that runs a guest.
     """
-    error = sys.exc_info()[1]
-    text = traceback.format_exc()
-    (out / RUNNER_TRACEBACK).write_text(text)
-    for line in text.rstrip("\n").splitlines():
-        log(line)
-    summary.update(verdict="runner bug", reason=f"{type(error).__name__}: {error}",
-                   exit_code=int(ExitCode.RUNNER_BUG), traceback=RUNNER_TRACEBACK)
-    if error is not None:
+    if isinstance(error, OSError) and machine_state_error(error) is not None:
+        known = machine_state_error(error)
+        known.__cause__ = error
+        error = known
+    if isinstance(error, RunnerError):
+        summary.update(verdict="error", reason=error.message, exit_code=int(error.exit_code))
+    elif isinstance(error, (KeyboardInterrupt, Interrupted)):
+        summary.update(verdict="interrupted", reason="interrupted",
+                       exit_code=int(ExitCode.INTERRUPTED))
+    elif isinstance(error, Exception):
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        (out / RUNNER_TRACEBACK).write_text(text)
+        for line in text.rstrip("\n").splitlines():
+            log(line)
+        summary.update(verdict="runner bug", reason=f"{type(error).__name__}: {error}",
+                       exit_code=int(ExitCode.RUNNER_BUG), traceback=RUNNER_TRACEBACK)
         error.runner_traceback = str(out / RUNNER_TRACEBACK)  # type: ignore[attr-defined]
+    return error
 
 
 def report(verdict: results.Verdict, tests, splats, log: Callable[[str], None]) -> None:
@@ -479,22 +493,41 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
         record_verdict(summary, verdict, tests, splats, pytest_exit)
         report(verdict, tests, splats, log)
         return int(verdict.exit_code)
-    except RunnerError as error:
-        summary.update(verdict="error", reason=error.message, exit_code=int(error.exit_code))
-        raise
-    except (KeyboardInterrupt, Interrupted):
-        summary.update(verdict="interrupted", reason="interrupted",
-                       exit_code=int(ExitCode.INTERRUPTED))
-        raise
-    except Exception as error:
-        known = machine_state_error(error) if isinstance(error, OSError) else None
-        if known is None:
-            record_runner_bug(out, summary, log)
-            raise
-        summary.update(verdict="error", reason=known.message, exit_code=int(known.exit_code))
-        raise known from error
+    except BaseException as error:  # noqa: BLE001 - recorded, then raised again
+        raise record_early_end(error, out, summary, log)
     finally:
         timings["total"] = round(time.monotonic() - run_started, 2)
         summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         artifacts.write_summary(out, summary)
         log(f"artifacts: {out}")
+
+
+def run_recorded(options: RunOptions, log: Callable[[str], None]) -> tuple[int, str | None]:
+    """One run of a command made of many (matrix, regressions): (exit code, error or None).
+
+    A run that ends early does not stop the others, and its summary.json says
+    how it ended even when it stopped before creating its output directory
+    (a usage error).  Only an interruption is raised.
+    """
+    out = Path(options.output)
+    # A summary left by an earlier run in this directory must not pass for this one's.
+    (out / artifacts.SUMMARY).unlink(missing_ok=True)
+    try:
+        return run(options, log=log), None
+    except (KeyboardInterrupt, Interrupted):
+        raise
+    except Exception as error:  # noqa: BLE001 - one run's end, in its summary.json
+        if isinstance(error, RunnerError):
+            code, message, details = error.exit_code, error.message, error.details
+        else:
+            code = ExitCode.RUNNER_BUG
+            message = f"bug in run-selftests ({type(error).__name__}: {error})"
+            details = ()
+        log(f"run-selftests: error: {message}")
+        for line in details:
+            log(f"  {line}")
+        if not (out / artifacts.SUMMARY).exists():
+            out.mkdir(parents=True, exist_ok=True)
+            artifacts.write_summary(out, {"verdict": "error", "reason": message,
+                                          "exit_code": int(code)})
+        return int(code), message

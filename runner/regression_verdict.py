@@ -16,7 +16,11 @@ rebuilt offline and tested without a kernel.  The rule:
   "no (silent death)".
 * Failures of other tests only, or a splat no test was charged with, are
   caught = "no", with the observation shown.
-* A run that never reached the guest (patch or build failure) is "error".
+* A run that never reached the guest (patch or build failure) or could not
+  judge its kernel (infrastructure, a bug in the runner) is "error".
+* A run whose own verdict is a kernel splat (exit 3: a splat no test was
+  charged with, a kmemleak leak through local storage) is caught = "yes
+  (run verdict)": the suite went red on the bug, only not through a test.
 """
 
 from __future__ import annotations
@@ -25,12 +29,18 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from runner.errors import ExitCode
+
 CAUGHT = "yes"
 CAUGHT_CRASH = "yes (crash)"
 MISSED = "no"
 SILENT_DEATH = "no (silent death)"
 ERROR = "error"
-CAUGHT_LABELS = (CAUGHT, CAUGHT_CRASH)
+CAUGHT_VERDICT = "yes (run verdict)"
+CAUGHT_LABELS = (CAUGHT, CAUGHT_CRASH, CAUGHT_VERDICT)
+# A run that ended with one of these said nothing about the re-introduced bug.
+NO_KERNEL_VERDICT = (ExitCode.RUNNER_BUG, ExitCode.INFRASTRUCTURE, ExitCode.USAGE,
+                     ExitCode.BUILD_FAILURE, ExitCode.PATCH_FAILURE, ExitCode.INTERRUPTED)
 SHOWN_FAILURES = 6
 
 _IDENT = re.compile(r"\w")
@@ -239,6 +249,24 @@ def evaluate(
         note = f"guest {died} with no kernel report in console.log"
     return {"caught": SILENT_DEATH, "observed": failing, "matched": [], "crash": crash,
             "crash_in_expected": None, "note": note}
+
+
+def with_run_verdict(found: dict, exit_code: int | None, verdict: str, reason: str,
+                     console_splats: bool) -> dict:
+    """`found` with the run's own verdict taken into account.
+
+    A run that went red with a kernel splat (exit 3) although no expected test
+    failed caught the bug all the same; a silent death with no kernel report
+    stays a silent death.  Any other miss shows what else made the run red.
+    """
+    if found["caught"] in CAUGHT_LABELS or found["caught"] == ERROR:
+        return found
+    if exit_code == ExitCode.SPLAT and (found["caught"] == MISSED or console_splats):
+        note = f"no expected test failed; the run's verdict caught it: {verdict} ({reason})"
+        return dict(found, caught=CAUGHT_VERDICT, note=note)
+    if verdict not in ("", "pass", "test failure"):
+        return dict(found, note=f"{found['note']}; the run's verdict: {verdict} ({reason})")
+    return found
 
 
 # --- the table ------------------------------------------------------------------------------

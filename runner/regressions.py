@@ -19,8 +19,8 @@ whose content changed.  A lock keeps two sweeps from re-pointing the slot
 under each other.
 
 Exit code: 0 when every selected regression was caught, 1 when one was not,
-or the code of the first run that failed before its verdict (patch failure
-6, build failure 5, ...).
+or, when a run could not judge its kernel (runner bug 8, infrastructure 7,
+patch failure 6, build failure 5, ...), that code (results.overall_exit_code).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from runner import artifacts, pipeline, regression_verdict
+from runner import artifacts, pipeline, regression_verdict, results
 from runner.cache import Cache, open_cache
-from runner.errors import ExitCode, Interrupted, RunnerError, UsageError
+from runner.errors import ExitCode, Interrupted, UsageError
 from runner.patches import load_series
 
 MANIFEST = pipeline.REPO_ROOT / "kernel_patches" / "regressions" / "manifest.json"
@@ -217,7 +217,6 @@ def run_one(options: pipeline.RunOptions, out: Path, log: Callable[[str], None],
     """A normal pipeline run into `out`; (seconds, the error of a run that stopped early)."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    error = None
     with open(out / RUN_LOG, "w", encoding="utf-8") as log_file:
         def run_log(line: str) -> None:
             log_file.write(line + "\n")
@@ -225,13 +224,7 @@ def run_one(options: pipeline.RunOptions, out: Path, log: Callable[[str], None],
             if verbose or line.startswith(_PROGRESS):
                 log(f"  {line}")
 
-        try:
-            pipeline.run(options, log=run_log)
-        except RunnerError as exc:
-            error = exc.message
-            run_log(f"run-selftests: error: {exc.message}")
-            for detail in exc.details:
-                run_log(f"  {detail}")
+        _, error = pipeline.run_recorded(options, run_log)
     return time.monotonic() - started, error
 
 
@@ -244,11 +237,7 @@ def outcome_from_dir(regression: Regression, out: Path, seconds: float | None = 
         with contextlib.suppress(ValueError):
             summary = json.loads(summary_file.read_text())
     boot_status = (summary.get("boot") or {}).get("status")
-    console = out / artifacts.CONSOLE_LOG
-    text = ""
-    if console.exists():
-        with open(console, encoding="utf-8", errors="replace", newline="") as stream:
-            text = stream.read().replace("\r", "")
+    text = pipeline.read_console(out)
     # The pipeline's own reading of the files: JUnit (None when absent or broken), splats.
     _, tests, splats, _ = pipeline.judge_output_dir(out, boot_status or "exited")
     if error is None and summary.get("verdict") == "error":
@@ -257,11 +246,15 @@ def outcome_from_dir(regression: Regression, out: Path, seconds: float | None = 
         error = "no summary.json: the run did not start"
     found = regression_verdict.evaluate(regression.expected_failing, tests, boot_status,
                                         splats, text, error)
-    verdict = summary.get("verdict", "")
-    if found["caught"] not in regression_verdict.CAUGHT_LABELS and found["caught"] != \
-            regression_verdict.ERROR and verdict not in ("", "pass", "test failure"):
-        # Not a catch by the rule, but what else went red (a kmemleak or splat verdict) shows.
-        found["note"] += f"; the run's verdict: {verdict} ({summary.get('reason', '')})"
+    if summary.get("exit_code") in regression_verdict.NO_KERNEL_VERDICT:
+        # The run could not judge the kernel (infrastructure, a runner bug, a build that
+        # failed): neither caught nor missed, whatever the guest printed.
+        found = dict(found, caught=regression_verdict.ERROR,
+                     note=error or f"{summary.get('verdict', 'error')}: "
+                                   f"{summary.get('reason', '')}")
+    found = regression_verdict.with_run_verdict(found, summary.get("exit_code"),
+                                                summary.get("verdict", ""),
+                                                summary.get("reason", ""), bool(splats))
     timings = summary.get("timings") or {}
     return regression_verdict.Outcome(
         id=regression.id, bug=regression.bug, upstream_fix=regression.upstream_fix,
@@ -314,10 +307,11 @@ def write_tables(out: Path, outcomes: Sequence[regression_verdict.Outcome],
 
 
 def exit_code(outcomes: Sequence[regression_verdict.Outcome]) -> int:
-    """0 all caught; the first early-stopped run's code; else 1 when any was missed."""
-    for outcome in outcomes:
-        if outcome.caught == regression_verdict.ERROR:
-            return int(outcome.exit_code or ExitCode.INFRASTRUCTURE)
+    """0 all caught; a run that could not judge its kernel gives its code (by
+    results.overall_exit_code, e.g. 8, 7, 5); else 1 when any was missed."""
+    broken = [o.exit_code for o in outcomes if o.caught == regression_verdict.ERROR]
+    if broken:
+        return int(results.overall_exit_code(broken))
     if any(o.caught not in regression_verdict.CAUGHT_LABELS for o in outcomes):
         return int(ExitCode.TEST_FAILURE)
     return int(ExitCode.PASS)

@@ -369,8 +369,12 @@ _PRECEDENCE = (ExitCode.RUNNER_BUG, ExitCode.INTERRUPTED, ExitCode.INFRASTRUCTUR
 
 
 def overall_exit_code(codes: Iterable[int | None]) -> ExitCode:
-    """One exit code for several runs' codes; a run that recorded no code counts as a crash."""
-    seen = {ExitCode.SPLAT if code is None else _as_exit_code(code) for code in codes}
+    """One exit code for several runs' codes.
+
+    A run that recorded no code left no verdict at all: that is the machinery's
+    failure (infrastructure), not something to blame on the kernel.
+    """
+    seen = {ExitCode.INFRASTRUCTURE if code is None else _as_exit_code(code) for code in codes}
     for code in _PRECEDENCE:
         if code in seen:
             return code

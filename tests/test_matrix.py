@@ -58,7 +58,8 @@ def test_column_from_a_failing_run():
     column = matrix.column_from_dir(matrix.KernelSpec("distro", "5.10"), FIXTURES / "distro-5.10")
     assert column.release == "5.10.0-32-amd64"
     assert column.verdict == "test failure"
-    assert column.counts == {"passed": 155, "failed": 7, "error": 0, "skipped": 0}
+    assert column.counts == {"passed": 155, "failed": 7, "error": 0, "skipped": 0, "xfailed": 0,
+                             "skipped_by_category": {}}
     assert column.accel == "tcg"
 
 
@@ -147,6 +148,8 @@ def test_from_dir_rebuilds_the_tables_offline(tmp_path):
     (out / matrix.MATRIX_JSON).write_text(json.dumps(matrix.build_matrix(columns)))
     lines: list[str] = []
     args = argparse.Namespace(from_dir=out)
-    assert matrix.main(args, log=lines.append) == 1  # not every kernel passed
+    # 5.10 failed tests (1), 6.12 passed, 7.2 never booted (7): the matrix cannot vouch for
+    # every kernel, so it reports the infrastructure problem.
+    assert matrix.main(args, log=lines.append) == 7
     assert (out / matrix.MATRIX_MD).exists() and (out / matrix.SUMMARY_MD).exists()
     assert any("**FAIL** [5]" in line for line in "\n".join(lines).splitlines())

@@ -168,8 +168,8 @@ def test_a_checkout_under_var_tmp_is_refused_in_under_a_second(work):
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-c",
-         "import sys, runner.cli; sys.prefix = %r; sys.exit(runner.cli.main())"
-         % str(fake_prefix), "--cache-dir", str(work / "cache")],
+         (f"import sys, runner.cli; sys.prefix = {str(fake_prefix)!r}; "
+          "sys.exit(runner.cli.main())"), "--cache-dir", str(work / "cache")],
         cwd=work, capture_output=True, text=True, timeout=60, check=False)
     elapsed = time.monotonic() - started
     assert_one_line_error(proc, ExitCode.USAGE,

@@ -265,11 +265,11 @@ def test_the_masked_checkout_quotes_every_failed_step():
     lines = results.startup_failure(console("console-masked-checkout-dash.log"))
     assert lines == [
         "sh: 1: cd: can't cd to /var/tmp/x/selftests",
-        "sh: 1: cannot create /var/tmp/x/runs/20261202T030000Z/guest-kernel-release: "
-        "Directory nonexistent",
+        ("sh: 1: cannot create /var/tmp/x/runs/20261202T030000Z/guest-kernel-release: "
+         "Directory nonexistent"),
         "sh: 1: /var/tmp/x/.venv/bin/python3: not found",
-        "sh: 1: cannot create /var/tmp/x/runs/20261202T030000Z/pytest-exitcode: "
-        "Directory nonexistent",
+        ("sh: 1: cannot create /var/tmp/x/runs/20261202T030000Z/pytest-exitcode: "
+         "Directory nonexistent"),
     ]
 
 
@@ -307,7 +307,8 @@ def test_a_splat_during_boot_outranks_a_failed_command():
     ([1, 3, 4], ExitCode.SPLAT),
     ([3, 7], ExitCode.INFRASTRUCTURE),
     ([7, 8, 3], ExitCode.RUNNER_BUG),
-    ([0, None], ExitCode.SPLAT),
+    ([0, None], ExitCode.INFRASTRUCTURE),
+    ([3, None], ExitCode.INFRASTRUCTURE),
     ([0, 99], ExitCode.RUNNER_BUG),
 ])
 def test_several_runs_sum_up_to_one_code(codes, expected):
