@@ -17,7 +17,7 @@ import struct
 import time
 
 import pytest
-from bpfkit import child, maps, probes, sockdiag, sysctl, syscall
+from bpfkit import child, maps, probes, sockdiag, syscall, sysctl
 
 pytestmark = pytest.mark.fd_ops
 

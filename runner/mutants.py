@@ -1,0 +1,597 @@
+"""`run-selftests mutants`: break the sk-storage code one edit at a time and see the suite go red.
+
+The catalogue (kernel_patches/mutants/catalogue.json) is data: each entry names
+a file of the default source, an exact piece of its text as it reads after
+kernel_patches/series (`find`, the `occurrence`-th match, default the only
+one), its `replace`ment and one line saying what it `breaks`.  Entries with
+an `equivalent` reason are argued not to change anything observable: they are
+tabled, never built.
+
+Each mutant becomes a patch on top of the series, made from the tree's
+pristine text (read under the tree lock, the series applied in a scratch
+copy), and runs through the regressions machinery: the same slot series and
+shared incremental build directory, a normal pipeline run into
+<output>/<id>/.  A mutant is killed when the run fails for any reason that
+is about the kernel (a failing test, a splat or crash with no test to
+charge, a timeout, a kmemleak report under --debug-kernel); survived when
+the run passes; build-error when it does not patch or build.  The table
+(mutants.md, mutants.json) gives the score = killed / (killed + survived).
+
+`--from-diff PATCH` asks "does the suite even see my change?": the user's
+diff (against the default source) is applied on top of the series and
+mutation operators are applied to the lines it adds, one mutant each; every
+mutant's patch carries the user's change plus one mutation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner import artifacts, pipeline, regressions
+from runner.cache import open_cache
+from runner.errors import ExitCode, Interrupted, UsageError
+from runner.patches import load_series, tree_lock
+
+CATALOGUE = pipeline.REPO_ROOT / "kernel_patches" / "mutants" / "catalogue.json"
+MUTANTS_MD = "mutants.md"
+MUTANTS_JSON = "mutants.json"
+PATCH_NAME = "mutant.patch"
+SCHEMA = 1
+
+KILLED = "killed"
+SURVIVED = "survived"
+EQUIVALENT = "equivalent"
+BUILD_ERROR = "build-error"
+ERROR = "error"
+STATUSES = (KILLED, SURVIVED, EQUIVALENT, BUILD_ERROR, ERROR)
+
+# Exit codes of a run that went red because of the kernel under test.
+_KILLING_EXITS = {int(ExitCode.TEST_FAILURE), int(ExitCode.SPLAT), int(ExitCode.TIMEOUT)}
+_BUILD_EXITS = {int(ExitCode.BUILD_FAILURE), int(ExitCode.PATCH_FAILURE)}
+SHOWN_FAILURES = 3
+_ID = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One single-edit mutant of a file of the default source (after the series)."""
+
+    id: str
+    file: str
+    find: str
+    replace: str
+    breaks: str
+    occurrence: int = 0  # 0: `find` must match exactly once; n: its n-th match
+    equivalent: str = ""
+
+
+def load_catalogue(path: Path = CATALOGUE) -> list[Mutant]:
+    """Parse and check the catalogue; a broken entry is a usage error naming it."""
+    path = Path(path)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"mutant catalogue {path} does not exist; check --catalogue") from None
+    except ValueError as exc:
+        raise UsageError(f"mutant catalogue {path} is not valid JSON: {exc}") from None
+    if not isinstance(entries, list):
+        raise UsageError(f"mutant catalogue {path} must be a JSON list of entries")
+    mutants, seen = [], set()
+    for number, entry in enumerate(entries, 1):
+        where = f"{path} entry {number}"
+        if not isinstance(entry, dict):
+            raise UsageError(f"{where} is not an object")
+        missing = [k for k in ("id", "file", "find", "breaks") if not entry.get(k)]
+        if "replace" not in entry:
+            missing.append("replace")
+        if missing:
+            raise UsageError(f"{where} lacks {', '.join(missing)}")
+        unknown = set(entry) - {f.name for f in dataclasses.fields(Mutant)}
+        if unknown:
+            raise UsageError(f"{where} ({entry['id']}): unknown field(s) {', '.join(sorted(unknown))}")
+        if not _ID.match(str(entry["id"])):
+            raise UsageError(f"{where}: id {entry['id']!r} must be lower-case words joined by -")
+        if entry["id"] in seen:
+            raise UsageError(f"{where}: id {entry['id']!r} is used twice")
+        seen.add(entry["id"])
+        if entry["find"] == entry["replace"]:
+            raise UsageError(f"{where} ({entry['id']}): replace equals find: not a mutant")
+        if "\n" in entry["breaks"]:
+            raise UsageError(f"{where} ({entry['id']}): breaks must be one line")
+        occurrence = entry.get("occurrence", 0)
+        if "occurrence" in entry and (isinstance(occurrence, bool)
+                                      or not isinstance(occurrence, int) or occurrence < 1):
+            raise UsageError(f"{where} ({entry['id']}): occurrence must be a positive integer")
+        mutants.append(Mutant(id=entry["id"], file=entry["file"], find=entry["find"],
+                              replace=entry["replace"], breaks=entry["breaks"],
+                              occurrence=occurrence, equivalent=entry.get("equivalent", "")))
+    return mutants
+
+
+def select(mutants: Sequence[Mutant], only: str | None) -> list[Mutant]:
+    """--only ID,...: keeps catalogue order; an unknown id is a usage error."""
+    if not only:
+        return list(mutants)
+    wanted = [w.strip() for w in only.split(",") if w.strip()]
+    unknown = [w for w in wanted if w not in {m.id for m in mutants}]
+    if unknown:
+        raise UsageError(f"--only: no mutant {', '.join(unknown)} in the catalogue")
+    return [m for m in mutants if m.id in wanted]
+
+
+# --- texts and patches -----------------------------------------------------------------------
+
+
+def apply_edit(text: str, mutant: Mutant) -> str:
+    """text with the mutant's occurrence of `find` replaced; ValueError if it is not there."""
+    count = text.count(mutant.find)
+    if not mutant.occurrence and count != 1:
+        raise ValueError(f"mutant {mutant.id}: its find text matches {count} times in "
+                         f"{mutant.file}" + ("; name an occurrence" if count else ""))
+    start = -1
+    for _ in range(max(1, mutant.occurrence)):
+        start = text.find(mutant.find, start + 1)
+        if start < 0:
+            raise ValueError(f"mutant {mutant.id}: {mutant.file} has {count} match(es) of its "
+                             f"find text, not a {_ordinal(mutant.occurrence)}")
+    return text[:start] + mutant.replace + text[start + len(mutant.find):]
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def unified_patch(files: dict[str, tuple[str, str]]) -> str:
+    """A -p1 patch turning each file's old text into its new text."""
+    out = []
+    for rel, (old, new) in sorted(files.items()):
+        if old == new:
+            continue
+        out.append(f"diff --git a/{rel} b/{rel}\n")
+        out.extend(difflib.unified_diff(old.splitlines(keepends=True),
+                                        new.splitlines(keepends=True),
+                                        f"a/{rel}", f"b/{rel}", n=3))
+    return "".join(out)
+
+
+def split_patch(text: str, strip: int = 1) -> dict[str, str]:
+    """The per-file sections of a unified diff, keyed by the file's path after -p`strip`.
+
+    A section runs from its "diff --git" line (or its "---" line) to the next one;
+    anything before the first (a mail header, a commit message) is dropped.
+    """
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    header: list[str] = []
+    lines = text.splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        if line.startswith("diff --git "):
+            current, header = None, [line]
+        elif line.startswith("--- ") and i + 1 < len(lines) and lines[i + 1].startswith("+++ "):
+            target = lines[i + 1][4:].split("\t")[0].strip()
+            if target == "/dev/null":
+                target = line[4:].split("\t")[0].strip()
+            rel = "/".join(target.split("/")[strip:])
+            current = sections.setdefault(rel, [])
+            current.extend(header + [line])
+            header = []
+        elif current is not None:
+            current.append(line)
+        elif header:
+            header.append(line)  # index/mode lines between "diff --git" and "---"
+    return {rel: "".join(body) for rel, body in sections.items()}
+
+
+def added_lines(section: str) -> set[int]:
+    """1-based line numbers, in the patched file, of the lines a diff section adds."""
+    lines: set[int] = set()
+    new_line = 0
+    for line in section.splitlines():
+        hunk = re.match(r"^@@ -\d+(?:,\d+)? \+(\d+)(?:,\d+)? @@", line)
+        if hunk:
+            new_line = int(hunk.group(1))
+        elif new_line and line.startswith("+") and not line.startswith("+++"):
+            lines.add(new_line)
+            new_line += 1
+        elif new_line and (line.startswith(" ") or line == ""):
+            new_line += 1
+    return lines
+
+
+def patch_text(text: str, section: str, rel: str) -> str:
+    """text with one file's diff section applied (patch(1) in a scratch directory)."""
+    with tempfile.TemporaryDirectory(prefix="mutants-") as scratch:
+        target = Path(scratch) / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        done = subprocess.run(["patch", "-p1", "-s", "-f", "--no-backup-if-mismatch", "-d",
+                               scratch], input=section, text=True, capture_output=True, check=False)
+        if done.returncode != 0:
+            raise ValueError(f"{rel}: the patch does not apply: "
+                             f"{(done.stdout + done.stderr).strip().splitlines()[:3]}")
+        return target.read_text()
+
+
+def series_sections(series_file: Path, rel: str) -> list[str]:
+    """Every section of the series' patches that touches rel, in series order (strip 1)."""
+    sections = []
+    for entry in load_series(series_file).entries:
+        if entry.path is None:
+            raise UsageError(f"{series_file}: entry {entry.name} is a commit id; mutants need "
+                             "patch files")
+        found = split_patch(Path(entry.path).read_text(), entry.strip).get(rel)
+        if found:
+            sections.append(found)
+    return sections
+
+
+def post_series_texts(source_root: Path, series_file: Path, rels: Iterable[str]) -> dict[str, str]:
+    """Each file as it reads after the series: the pristine text with the series applied."""
+    texts = {}
+    for rel in sorted(set(rels)):
+        path = source_root / rel
+        if not path.is_file():
+            raise UsageError(f"{rel} is not a file of the default source {source_root}")
+        text = path.read_text()
+        for section in series_sections(series_file, rel):
+            text = patch_text(text, section, rel)
+        texts[rel] = text
+    return texts
+
+
+def mutant_patch(mutant: Mutant, texts: dict[str, str],
+                 base_change: dict[str, str] | None = None) -> str:
+    """The patch (on top of the series) that makes this mutant: an optional base change
+    (the user's diff, as new texts per file) plus the mutant's edit."""
+    new = dict(texts)
+    new.update(base_change or {})
+    new[mutant.file] = apply_edit(new[mutant.file], mutant)
+    return unified_patch({rel: (texts[rel], new[rel]) for rel in new})
+
+
+# --- mutants of a user's diff ----------------------------------------------------------------
+
+# (name, pattern, replacement): each applied at one match of one added line.
+OPERATORS: tuple[tuple[str, str, str], ...] = (
+    ("eq-to-ne", r"==", "!="),
+    ("ne-to-eq", r"!=", "=="),
+    ("le-to-lt", r"<=", "<"),
+    ("ge-to-gt", r">=", ">"),
+    ("lt-to-le", r"(?<![<-])<(?![<=])", "<="),
+    ("gt-to-ge", r"(?<![>-])>(?![>=])", ">="),
+    ("and-to-or", r"&&", "||"),
+    ("or-to-and", r"\|\|", "&&"),
+    ("drop-not", r"!(?=[A-Za-z_(])", ""),
+    ("true-to-false", r"\btrue\b", "false"),
+    ("false-to-true", r"\bfalse\b", "true"),
+    ("inc-to-dec", r"\+\+", "--"),
+    ("add-to-sub", r"(?<=\w|\)) \+ (?=\w|\()", " - "),
+    ("sub-to-add", r"(?<=\w|\)) - (?=\w|\()", " + "),
+)
+_STATEMENT = re.compile(r"^(\s*)([A-Za-z_][\w>.\-]*\s*(?:\(|=|\+=|-=|\+\+|--).*;)\s*$")
+
+
+def operator_mutants(rel: str, text: str, lines: Iterable[int], prefix: str = "") -> list[Mutant]:
+    """Mutants of the given lines of one file: operator swaps, and dropping a plain statement."""
+    src = text.splitlines(keepends=True)
+    mutants = []
+    for number in sorted(lines):
+        if not 0 < number <= len(src):
+            continue
+        line = src[number - 1]
+        code = line.split("//")[0]
+        if code.lstrip().startswith(("*", "/*", "#")):
+            continue
+        # Each line is unique only with its neighbours: mutate the line plus its context.
+        before = "".join(src[max(0, number - 3):number - 1])
+        after = "".join(src[number:number + 2])
+        for name, pattern, replacement in OPERATORS:
+            match = re.search(pattern, code)
+            if match:
+                mutated = line[:match.start()] + replacement + line[match.end():]
+                mutants.append(_context_mutant(rel, before, line, after, mutated,
+                                               f"{prefix}{rel.rsplit('/', 1)[-1]}-{number}-{name}",
+                                               f"line {number}: {name}"))
+        statement = _STATEMENT.match(line.rstrip("\n"))
+        if statement and not line.lstrip().startswith("return"):
+            mutants.append(_context_mutant(rel, before, line, after, statement.group(1) + ";\n",
+                                           f"{prefix}{rel.rsplit('/', 1)[-1]}-{number}-drop",
+                                           f"line {number}: statement dropped"))
+    return mutants
+
+
+def _context_mutant(rel, before, line, after, mutated, mutant_id, what) -> Mutant:
+    slug = re.sub(r"[^a-z0-9-]+", "-", mutant_id.lower()).strip("-")
+    return Mutant(id=slug, file=rel, find=before + line + after, replace=before + mutated + after,
+                  breaks=f"{what} of the user's change")
+
+
+def diff_mutants(diff_text: str, texts_after: dict[str, str]) -> list[Mutant]:
+    """Operator mutants of every line the user's diff adds (texts_after: files with it applied)."""
+    mutants: list[Mutant] = []
+    for rel, section in split_patch(diff_text).items():
+        if rel in texts_after:
+            mutants.extend(m for m in operator_mutants(rel, texts_after[rel], added_lines(section))
+                           if texts_after[rel].count(m.find) == 1)  # ambiguous spots skipped
+    seen: set[str] = set()
+    return [m for m in mutants if not (m.id in seen or seen.add(m.id))]
+
+
+# --- verdicts --------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    """One row of the table."""
+
+    id: str
+    file: str
+    breaks: str
+    status: str
+    detail: str = ""
+    seconds: float | None = None
+    exit_code: int | None = None
+    output_dir: str = ""
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def classify(summary: dict | None, error: str | None = None) -> tuple[str, str]:
+    """(status, detail) of one mutant's run from its summary.json (None: it never started)."""
+    if not summary:
+        return ERROR, error or "no summary.json: the run did not start"
+    code = summary.get("exit_code")
+    reason = summary.get("reason", "") or error or ""
+    failed = [t.get("name", "?") for t in summary.get("tests") or []
+              if t.get("outcome") in ("failed", "error")]
+    if code == int(ExitCode.PASS):
+        return SURVIVED, reason or "every test passed"
+    if code in _KILLING_EXITS:
+        if failed:
+            shown = ", ".join(failed[:SHOWN_FAILURES])
+            more = f" (+{len(failed) - SHOWN_FAILURES} more)" if len(failed) > SHOWN_FAILURES else ""
+            return KILLED, f"{len(failed)} failed: {shown}{more}"
+        return KILLED, f"no failing test: {summary.get('verdict', '')} ({reason})"
+    if code in _BUILD_EXITS:
+        return BUILD_ERROR, reason
+    return ERROR, f"exit {code}: {reason}"
+
+
+def score(outcomes: Sequence[Outcome]) -> tuple[int, int]:
+    """(killed, killed + survived): equivalent, build errors and errors do not count."""
+    killed = sum(o.status == KILLED for o in outcomes)
+    return killed, killed + sum(o.status == SURVIVED for o in outcomes)
+
+
+def format_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes} m {secs:02d} s" if minutes else f"{secs} s"
+
+
+def markdown(outcomes: Sequence[Outcome], title: str) -> str:
+    """The table: one row per mutant, then the tally and the score."""
+    rows = [f"# {title}", "",
+            "| mutant | file | breaks | status | detail | time |",
+            "|---|---|---|---|---|---|"]
+    for o in outcomes:
+        cells = [f"`{o.id}`", f"`{o.file.rsplit('/', 1)[-1]}`", o.breaks, f"**{o.status}**"
+                 if o.status == SURVIVED else o.status, o.detail, format_seconds(o.seconds)]
+        rows.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells)
+                    + " |")
+    killed, counted = score(outcomes)
+    tally = ", ".join(f"{sum(o.status == s for o in outcomes)} {s}" for s in STATUSES)
+    rows += ["", f"{len(outcomes)} mutants: {tally}.",
+             f"Score: {killed}/{counted} killed"
+             + (f" ({100 * killed / counted:.0f}%)" if counted else "") + "."]
+    timed = [o.seconds for o in outcomes if o.seconds is not None]
+    if timed:
+        rows.append(f"Time per built mutant: mean {format_seconds(sum(timed) / len(timed))}, "
+                    f"total {format_seconds(sum(timed))}.")
+    return "\n".join(rows) + "\n"
+
+
+def write_tables(out: Path, outcomes: Sequence[Outcome], title: str) -> tuple[Path, Path]:
+    """mutants.md and mutants.json in the output directory."""
+    md_path, json_path = out / MUTANTS_MD, out / MUTANTS_JSON
+    md_path.write_text(markdown(outcomes, title))
+    killed, counted = score(outcomes)
+    json_path.write_text(json.dumps({"schema": SCHEMA, "title": title, "killed": killed,
+                                     "scored": counted, "total": len(outcomes),
+                                     "mutants": [o.as_dict() for o in outcomes]},
+                                    indent=2) + "\n")
+    return md_path, json_path
+
+
+def exit_code(outcomes: Sequence[Outcome]) -> int:
+    """0 when nothing survived; 1 when a mutant survived; the first error run's code first."""
+    for outcome in outcomes:
+        if outcome.status == ERROR:
+            return int(outcome.exit_code or ExitCode.INFRASTRUCTURE)
+    if any(o.status == SURVIVED for o in outcomes):
+        return int(ExitCode.TEST_FAILURE)
+    return int(ExitCode.PASS)
+
+
+def outcome_from_dir(mutant: Mutant, out: Path, seconds: float | None = None,
+                     error: str | None = None) -> Outcome:
+    """The row of one built mutant from its output directory (also for --from-dir)."""
+    summary = None
+    with_summary = out / artifacts.SUMMARY
+    if with_summary.exists():
+        try:
+            summary = json.loads(with_summary.read_text())
+        except ValueError:
+            summary = None
+    status, detail = classify(summary, error)
+    if seconds is None and summary:
+        seconds = (summary.get("timings") or {}).get("total")
+    return Outcome(id=mutant.id, file=mutant.file, breaks=mutant.breaks, status=status,
+                   detail=detail, seconds=seconds,
+                   exit_code=(summary or {}).get("exit_code"), output_dir=str(out))
+
+
+def equivalent_outcome(mutant: Mutant) -> Outcome:
+    """The row of a mutant argued equivalent: never built."""
+    return Outcome(id=mutant.id, file=mutant.file, breaks=mutant.breaks, status=EQUIVALENT,
+                   detail=mutant.equivalent)
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """--only, --catalogue, --from-diff, --list, --from-dir, plus a normal run's options."""
+    from runner import cli
+
+    parser.add_argument("--only", metavar="ID[,ID...]", help="run only these catalogue mutants")
+    parser.add_argument("--catalogue", type=Path, default=CATALOGUE, metavar="FILE",
+                        help="mutant catalogue (default: kernel_patches/mutants/catalogue.json)")
+    parser.add_argument("--from-diff", type=Path, metavar="PATCH",
+                        help="instead of the catalogue, mutate the lines this diff (against "
+                             "the default source) adds; each mutant keeps the diff itself")
+    parser.add_argument("--list", action="store_true",
+                        help="print the mutants (and check every one applies), build nothing")
+    parser.add_argument("--from-dir", type=Path, metavar="DIR",
+                        help="rebuild the table from an earlier mutants output directory")
+    cli.add_run_arguments(parser)
+
+
+def _title(args: argparse.Namespace) -> str:
+    what = f"Mutants of {args.from_diff.name}" if args.from_diff else "Mutation sweep"
+    return what + (" (debug kernel)" if args.debug_kernel else "")
+
+
+def _source_lock(cache, src_path: Path) -> Path:
+    # The lock the pipeline holds while the tree is patched (runner.pipeline / patches).
+    journal = cache.root / "restore" / hashlib.sha256(str(src_path).encode()).hexdigest()[:16]
+    return journal.with_name(journal.name + ".lock")
+
+
+def prepare(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[list[Mutant], dict]:
+    """The mutants to run and their patches {id: text}; equivalent ones get no patch."""
+    from runner import source
+
+    if args.from_diff is not None and not args.from_diff.is_file():
+        raise UsageError(f"--from-diff: {args.from_diff} is not a file")
+    cache = open_cache(args.cache_dir)
+    src = source.ensure_default_source(cache, log)
+    user_sections = split_patch(args.from_diff.read_text()) if args.from_diff else {}
+    mutants = [] if args.from_diff else select(load_catalogue(args.catalogue), args.only)
+    rels = set(user_sections) | {m.file for m in mutants}
+    # Read the pristine tree while no run has its series applied.
+    with tree_lock(_source_lock(cache, src.path), src.path, log):
+        texts = post_series_texts(src.path, pipeline.DEFAULT_SERIES, rels)
+    base_change = {}
+    for rel, section in user_sections.items():
+        try:
+            base_change[rel] = patch_text(texts[rel], section, rel)
+        except ValueError as exc:
+            raise UsageError(f"--from-diff: {exc} (on the default source + series)") from None
+    if args.from_diff:
+        mutants = select(diff_mutants(args.from_diff.read_text(), base_change), args.only)
+        if not mutants:
+            raise UsageError(f"--from-diff: {args.from_diff} adds no line an operator applies to")
+    patches = {}
+    for mutant in mutants:
+        if mutant.equivalent:
+            continue
+        try:
+            patches[mutant.id] = mutant_patch(mutant, texts, base_change)
+        except ValueError as exc:
+            raise UsageError(f"{exc}; fix the catalogue entry") from None
+    return mutants, patches
+
+
+def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
+    """Build, boot and judge every selected mutant (or re-read them), then print the table."""
+    if args.from_dir is not None:
+        mutants = select(load_catalogue(args.catalogue), args.only)
+        outcomes = [equivalent_outcome(m) if m.equivalent else outcome_from_dir(m, args.from_dir / m.id)
+                    for m in mutants if m.equivalent or (args.from_dir / m.id).is_dir()]
+        return _finish(args.from_dir, outcomes, _title(args), log)
+    given = [flag for dest, flag in regressions._REFUSED.items() if getattr(args, dest, None)]
+    if given:
+        raise UsageError(f"{', '.join(given)} pick another kernel; mutants always build the "
+                         "default source + kernel_patches/series + one mutant")
+    mutants, patches = prepare(args, log)
+    if args.list:
+        for m in mutants:
+            log(f"{m.id:40} {m.file}: {m.breaks}"
+                + (f"  [equivalent: {m.equivalent}]" if m.equivalent else ""))
+        log(f"mutants: {len(mutants)} ({len(patches)} to build), every one applies")
+        return int(ExitCode.PASS)
+    out = artifacts.prepare_output_dir(args.output)
+    cache = open_cache(args.cache_dir)
+    log(f"mutants: {len(patches)} to build, {len(mutants) - len(patches)} equivalent, into {out}")
+    outcomes: list[Outcome] = []
+    title = _title(args)
+    try:
+        with regressions.sweep_lock(regressions.slot_dir(cache), log):
+            built = 0
+            for mutant in mutants:
+                if mutant.equivalent:
+                    outcomes.append(equivalent_outcome(mutant))
+                    continue
+                built += 1
+                target = out / mutant.id
+                target.mkdir(parents=True, exist_ok=True)
+                patch_file = target / PATCH_NAME
+                patch_file.write_text(patches[mutant.id])
+                series = regressions.prepare_slot_series(regressions.slot_dir(cache),
+                                                         pipeline.DEFAULT_SERIES, patch_file)
+                log(f"mutants: [{built}/{len(patches)}] {mutant.id}: {mutant.breaks}; "
+                    f"log: {target / regressions.RUN_LOG}")
+                as_regression = regressions.Regression(mutant.id, patch_file, mutant.breaks, "",
+                                                       ())
+                options = regressions.options_for(args, as_regression, series, target)
+                options = dataclasses.replace(options, argv=["mutants", "--only", mutant.id])
+                started = time.monotonic()
+                seconds, error = regressions.run_one(options, target, log, args.verbose)
+                outcome = outcome_from_dir(mutant, target, seconds or time.monotonic() - started,
+                                           error)
+                outcomes.append(outcome)
+                log(f"mutants: [{built}/{len(patches)}] {mutant.id}: {outcome.status.upper()} "
+                    f"({format_seconds(outcome.seconds)}) {outcome.detail}")
+                # The table so far, so a long sweep can be read while it runs.
+                write_tables(out, outcomes, title + " (in progress)")
+    except (KeyboardInterrupt, Interrupted):
+        if outcomes:
+            write_tables(out, outcomes, title + " (interrupted)")
+        raise
+    return _finish(out, outcomes, title, log)
+
+
+def _finish(out: Path, outcomes: Sequence[Outcome], title: str,
+            log: Callable[[str], None]) -> int:
+    md_path, json_path = write_tables(out, outcomes, title)
+    log("")
+    log(markdown(outcomes, title))
+    log(f"mutants: {md_path} and {json_path}")
+    return exit_code(outcomes)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point for a subparsers-based CLI (same as main)."""
+    return main(args)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from runner import cli as _cli
+
+    sys.exit(_cli.main(["mutants", *sys.argv[1:]]))
