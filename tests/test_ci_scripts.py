@@ -399,3 +399,26 @@ def test_workflows_keep_their_promises():
         assert f"            out/{artifact}\n" in upload
     runs = re.findall(r"^        run: (.*)$", selftests, re.MULTILINE)
     assert runs and all("selftests/ci/" in run for run in runs)
+
+
+def test_junit_summary_shows_known_bugs_skip_reasons_and_an_unexpected_skip(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "junit.xml").write_text(
+        '<testsuites><testsuite><testcase classname="t" name="test_ok" time="0.1"/>'
+        '<testcase classname="t" name="test_bug" time="0.1"><skipped type="pytest.xfail" '
+        'message="known bug: fixed upstream by 55d49f750b1c"/></testcase>'
+        '<testcase classname="t" name="test_iter" time="0.1"><skipped type="pytest.skip" '
+        'message="[environment] policy refused BPF_PROG_TYPE_TRACING (EPERM)"/></testcase>'
+        '</testsuite></testsuites>')
+    (out / "summary.json").write_text(json.dumps(
+        {"verdict": "unexpected skip", "exit_code": 1,
+         "reason": "1 test(s) skipped for a reason a runner-booted guest must not have"}))
+    proc = run_script("junit-summary", str(out), "--title", "6.1")
+    assert proc.returncode == 0, proc.stderr
+    assert "| 🐞 known bug | `t::test_bug` |" in proc.stdout
+    assert "**1 passed, 0 failed, 1 skipped (environment 1), 1 known bug**" in proc.stdout
+    assert "* 1 × [environment] policy refused BPF_PROG_TYPE_TRACING (EPERM)" in proc.stdout
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("::error")]
+    assert errors == [("::error title=6.1%3A unexpected skip::1 test(s) skipped for a reason "
+                       "a runner-booted guest must not have")]
