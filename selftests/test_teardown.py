@@ -21,6 +21,7 @@ import pytest
 from bpfkit import (
     asm,
     btf_layout,
+    charges,
     elements,
     maps,
     probes,
@@ -72,6 +73,12 @@ def lookup_errno(map_fd: int, sock: socket.socket) -> int:
 def optmem(sock: socket.socket) -> int:
     """sk_omem_alloc of a live socket, as sock_diag reports it."""
     return sockdiag.socket_record(sock).optmem
+
+
+def storage_charges() -> charges.StorageCharges:
+    """This kernel's element and header charges (from its BTF); skips without kernel BTF."""
+    probes.require("kernel_btf")
+    return charges.kernel_charges()
 
 
 def families() -> list[int]:
@@ -197,9 +204,10 @@ def test_optmem_returns_to_baseline_after_delete(inet_family, kind, new_storage_
     maps.update(second, sock.fileno(), bytes(range(64)))
     with_both = optmem(sock)
     # The first element also pays for the socket's storage header, the second only for
-    # itself, and the bigger value costs more.
-    assert with_first > baseline
-    assert with_both - with_first > 0
+    # itself: both to the byte of this kernel's layout.
+    layout = storage_charges()
+    assert with_first - baseline == layout.first_element(VALUE_SIZE)
+    assert with_both - with_first == layout.element(64)
 
     maps.delete(second, sock.fileno())
     assert optmem(sock) == with_first
@@ -235,7 +243,7 @@ def test_update_beyond_optmem_max_is_enomem(new_storage_map, socks):
     probe_baseline = optmem(probe)
     maps.update(map_fd, probe.fileno(), value_for(0))
     cost = optmem(probe) - probe_baseline
-    assert cost > 0
+    assert cost == storage_charges().first_element(VALUE_SIZE)
 
     sock = socks.bound(socket.AF_INET, socket.SOCK_DGRAM)
     baseline = optmem(sock)
@@ -337,7 +345,8 @@ def test_destroyed_socket_has_uncharged_all_its_storage(inet_family, new_storage
         assert optmem(sock) == 0, f"{kind}: something else already charges optmem"
         maps.update(storage_maps[0], sock.fileno(), value_for(1))
         maps.update(storage_maps[1], sock.fileno(), bytes(range(64)))
-        assert optmem(sock) > 0, f"{kind}: storage charged nothing to optmem"
+        assert optmem(sock) == storage_charges().first_element(VALUE_SIZE) + \
+            storage_charges().element(64), f"{kind}: not the charge of the two elements"
         watch.watch(kind, sock)
     watch.attach()
 
