@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import socket
@@ -722,4 +723,97 @@ def test_command_line_run_on_a_target_without_sftp(sshd_without_sftp, tmp_path):
     assert "### kernel log of the target since the run started" in console
     assert "\x1b[" not in console
     assert SFTP_REFUSED in sshd_without_sftp.log.read_text()
+    assert leftover_workdirs() == before, "the temporary directory must be removed"
+
+
+DROPBEAR = shutil.which("dropbear")
+
+
+@dataclass
+class DropbearServer:
+    """dropbear in a private mount namespace: its own root home, no sftp-server."""
+
+    port: int
+    client_key: Path
+    known_hosts_line: str
+    log: Path
+    process: subprocess.Popen
+
+    def url(self) -> str:
+        return f"ssh://root@127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="module")
+def dropbear(tmp_path_factory) -> DropbearServer:
+    """dropbear as a minimal target has it: the sftp subsystem granted, but no sftp-server.
+
+    dropbear reads only ~/.ssh/authorized_keys, so root's home is a scratch
+    directory, and its sftp-server (/usr/lib/sftp-server, OpenSSH's here) is
+    covered with /dev/null: both only inside the server's own mount namespace.
+    The scratch home hides root's own Python, so runs use /usr/bin/python3.
+    """
+    if DROPBEAR is None or shutil.which("unshare") is None:
+        pytest.skip("the dropbear test needs dropbear and unshare (apt install dropbear-bin)")
+    directory = tmp_path_factory.mktemp("dropbear")
+    home = directory / "home"
+    (home / ".ssh").mkdir(parents=True, mode=0o700)
+    client_key = keygen(directory / "client_key")
+    authorized = home / ".ssh" / "authorized_keys"
+    authorized.write_text(client_key.with_suffix(".pub").read_text())
+    authorized.chmod(0o600)
+    host_key = directory / "host_key"
+    subprocess.run(["dropbearkey", "-t", "ed25519", "-f", str(host_key)], check=True,
+                   capture_output=True)
+    public = subprocess.run(["dropbearkey", "-y", "-f", str(host_key)], check=True,
+                            capture_output=True, text=True).stdout
+    kind, blob = next(ln for ln in public.splitlines() if ln.startswith("ssh-")).split()[:2]
+    port = free_port()
+    hide = " && ".join([f"mount --bind {home} /root"] + [
+        f"mount --bind /dev/null {path}" for path in ("/usr/lib/sftp-server",)
+        if Path(path).exists()])
+    log = directory / "dropbear.log"
+    serve = shlex.join([DROPBEAR, "-F", "-E", "-s", "-p", f"127.0.0.1:{port}", "-r",
+                        str(host_key), "-P", str(directory / "dropbear.pid")])
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh",
+                                    "-c", f"{hide} && exec {serve}"], stderr=stderr)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"dropbear did not start: {log.read_text()}")
+            time.sleep(0.05)
+    yield DropbearServer(port=port, client_key=client_key,
+                         known_hosts_line=f"[127.0.0.1]:{port} {kind} {blob}\n", log=log,
+                         process=process)
+    process.terminate()
+    process.wait(10)
+
+
+def test_dropbear_without_sftp_server_runs_the_suite_over_the_exec_channel(dropbear, tmp_path):
+    known = tmp_path / "known_hosts"
+    known.write_text(dropbear.known_hosts_line)
+    before = leftover_workdirs()
+    lines: list = []
+    out = tmp_path / "out"
+    out.mkdir()
+    outcome = remote.run_on_target(
+        remote.RemoteOptions(target=dropbear.url(), identity=dropbear.client_key,
+                             known_hosts=known, ssh_config=None, use_agent=False,
+                             use_default_keys=False, target_python="/usr/bin/python3"),
+        SUITE, out, markers="not stress", keyword=SMALL_SELECTION, log=lines.append)
+    # dropbear grants the subsystem and then cannot start its server: the
+    # SFTP handshake fails on a live link, which also means "no SFTP".
+    assert any(ln.startswith("remote: the target's sftp subsystem did not start (")
+               for ln in lines), lines
+    assert outcome.facts["transfer"] == remote_transfer.EXEC
+    verdict, tests, splats, _ = pipeline.judge_output_dir(out, outcome.status)
+    assert verdict.exit_code == ExitCode.PASS, "\n".join(lines)
+    assert len(tests) == 3 and splats == []
+    assert "### kernel log of the target since the run started" in \
+        (out / "console.log").read_text()
     assert leftover_workdirs() == before, "the temporary directory must be removed"
