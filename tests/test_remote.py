@@ -1,7 +1,9 @@
-"""--target over a real OpenSSH server on 127.0.0.1: trust, keys, failures, and real suite runs.
+"""--target over real SSH servers on 127.0.0.1: trust, keys, failures, transfers, suite runs.
 
 A module-scoped sshd (Debian's openssh-server) listens on a random port with a
-temporary host key and one authorized client key.  Runs go against this
+temporary host key and one authorized client key; a second one has no sftp
+subsystem, and a dropbear without sftp-server (when installed) is a third, so
+the exec-channel transfer is exercised against both ways a target lacks SFTP.  Runs go against this
 machine's own kernel, as root, and must reach the same verdict as running the
 suite directly.  Every test isolates itself from the user's ~/.ssh and agent.
 Needs root (to run sshd and to log in as root) and /usr/sbin/sshd.
