@@ -136,6 +136,13 @@ class BtfLayout:
                     return bits + found[0], found[1], found[2]
         return None
 
+    def param_count(self, func_type_id: int) -> int:
+        """Number of parameters of a FUNC: where an fexit program finds the return value."""
+        func = self._type(func_type_id)
+        if func.kind != btf.BTF_KIND_FUNC:
+            raise ValueError(f"BTF type {func_type_id} is not a FUNC (kind {func.kind})")
+        return self._type(func.size_or_type).vlen
+
     def member(self, struct_name: str, path: str) -> Field:
         """Offset (from the start of struct_name) and size of a dotted member path."""
         type_id, bits, size = self.struct_id(struct_name), 0, 0
