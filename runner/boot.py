@@ -17,6 +17,7 @@ import shlex
 import shutil
 import signal
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import pexpect
 from runner.accel import KERNEL_BANNER, AccelPlan, judge_kvm
 from runner.errors import InfrastructureError, UsageError
 from runner.preflight import find_tool
+from runner.regression_verdict import console_progress
 
 PYTEST_EXIT_FILE = "pytest-exitcode"
 GUEST_RELEASE_FILE = "guest-kernel-release"
@@ -43,6 +45,16 @@ HOST_SIDE_FAILURE = re.compile(
 # After a panic QEMU normally exits at once (panic=-1); give the trace a
 # moment to reach the log if it does not.
 PANIC_DRAIN_SECONDS = 5.0
+# Reports (bpfkit.splats kinds) of a kernel that stopped making progress.  It
+# keeps printing them (an RCU stall every 21-60 s), so the silent-console
+# watch never fires; after one of them plus this long without test output
+# the run ends instead of waiting for --timeout.  The report already makes
+# the verdict a splat (exit 3), so ending early cannot change it.
+WEDGE_KINDS = frozenset({"RCU stall", "soft lockup", "hard lockup", "hung task"})
+WEDGE_GRACE_SECONDS = 30.0
+# printk's stamp anywhere in a line: user-space output without a newline
+# (pytest's "test_x.py::test_y ") gets the kernel's next message glued to it.
+_PRINTK_STAMP = re.compile(r"\[\s*\d+\.\d{6}\]")
 
 
 def vng_command(
@@ -95,7 +107,7 @@ def guest_test_command(
 class BootOutcome:
     """How the guest run ended, as plain values for the results stage."""
 
-    status: str  # exited | timeout | stalled | panic
+    status: str  # exited | timeout | stalled | panic | wedged
     accel: str
     accel_reason: str
     seconds: float
@@ -194,6 +206,49 @@ def _spawn(command: Sequence[str], env: dict) -> pexpect.spawn:
         raise InfrastructureError(f"could not start {command[0]}: {exc}") from None
 
 
+class WedgeWatch:
+    """Spots a wedged kernel on the console: a stall/lockup/hung-task report, then no test output.
+
+    Fed line by line; any user-space output (pytest's result lines) after a
+    report means the tests moved on and disarms it.
+    """
+
+    def __init__(self, grace: float | None = None):
+        try:
+            from bpfkit.splats import find_splats
+        except ImportError as exc:
+            raise InfrastructureError(f"cannot watch for kernel splats: {exc}") from None
+        self._find_splats = find_splats
+        self.grace = WEDGE_GRACE_SECONDS if grace is None else grace
+        self.report: tuple[str, float] | None = None
+        # User-space lines only, enough to find pytest's running node id.
+        self._user: deque[str] = deque(maxlen=200)
+
+    def line(self, line: str, now: float) -> None:
+        """One complete console line, seen at `now` (time.monotonic())."""
+        stamp = _PRINTK_STAMP.search(line)
+        user = line[:stamp.start()] if stamp else line
+        kernel = line[stamp.start():] if stamp else ""
+        kinds = {s.kind for s in self._find_splats(kernel or line)}
+        if user.strip() and not (kinds & WEDGE_KINDS and not stamp):
+            self._user.append(user)
+            self.report = None
+        wedge = sorted(kinds & WEDGE_KINDS)
+        if wedge and self.report is None:
+            self.report = (wedge[0], now)
+
+    def wedged(self, now: float, partial: str = "") -> str | None:
+        """Why the guest counts as wedged at `now`, naming the running test; None while it is not."""
+        if self.report is None or now - self.report[1] < self.grace:
+            return None
+        stamp = _PRINTK_STAMP.search(partial)
+        tail = partial[:stamp.start()] if stamp else partial
+        running = console_progress([*self._user, tail]).running
+        during = f" during {running}" if running else ""
+        return (f"kernel wedged: {self.report[0]} reported, then no test output for "
+                f"{self.grace:.0f} s{during}")
+
+
 def _text(lines: list[str], partial: str | None) -> str:
     """Complete console lines plus the unfinished tail, as one text to judge."""
     return "\n".join([*lines, partial or ""])
@@ -208,6 +263,7 @@ def _watch(
     head: list[str] = []
     banner_at: float | None = None
     panic_at: float | None = None
+    wedge = WedgeWatch()
     last_output = time.monotonic()
     pending = ""
     while True:
@@ -224,6 +280,7 @@ def _watch(
                 banner_at = now - started
             if panic_at is None and PANIC.search(line):
                 panic_at = now
+            wedge.line(line, now)
             # Without --verbose, show what the guest command prints, not the
             # decompressor chatter before the banner or the kernel's printk lines.
             if verbose or (banner_at is not None and not PRINTK_LINE.match(line)):
@@ -257,6 +314,9 @@ def _watch(
                 return _Attempt("kvm-broken", reason, None, None)
         if panic_at is not None and now - panic_at > PANIC_DRAIN_SECONDS:
             return _Attempt("panic", "kernel panic", None, banner_at)
+        wedged = wedge.wedged(now, child.buffer)
+        if wedged:
+            return _Attempt("wedged", wedged, None, banner_at)
         if now >= deadline:
             return _Attempt("timeout", "the run exceeded --timeout", None, banner_at)
         if now - last_output >= stall_timeout:

@@ -224,8 +224,13 @@ def judge(
         kind = getattr(first, "kind", "splat")
         line = getattr(first, "line", "?")
         more = f" (+{len(splats) - 1} more)" if len(splats) > 1 else ""
+        # A wedged guest ends the run mid-test: say which test it was in.
+        from runner.regression_verdict import running_test
+
+        running = running_test(console.splitlines(), line) if isinstance(line, int) else None
+        during = f" during {running}" if running else ""
         return Verdict(ExitCode.SPLAT, "kernel splat",
-                       f"{kind} at console line {line}{more}", tally)
+                       f"{kind} at console line {line}{more}{during}", tally)
     if boot_status == "panic":
         return Verdict(ExitCode.SPLAT, "kernel crash", "kernel panic", tally)
     if boot_status == "timeout":

@@ -53,6 +53,15 @@ STANDIN = textwrap.dedent("""\
         while True:
             say("[    3.000000] still working")
             time.sleep(0.2)
+    if mode == "wedge":
+        # pytest -v prints the node id without a newline; the kernel's report
+        # is glued to it, and then repeats, as an RCU stall does.
+        say("test_map_free.py::test_quick PASSED")
+        print("test_map_free.py::test_free_while_in_use ", end="", flush=True)
+        while True:
+            say("[   60.000000] rcu: INFO: rcu_preempt self-detected stall on CPU")
+            say("[   60.000001] rcu: \t0-....: (21000 ticks this GP)")
+            time.sleep(0.2)
     command = args[args.index("--exec") + 1]
     sys.exit(subprocess.call(["sh", "-c", command]))
     """)
@@ -200,6 +209,69 @@ def test_a_busy_guest_is_stopped_at_the_timeout(standin, tmp_path, monkeypatch):
     assert outcome.status == "timeout"
     assert 1.5 <= time.monotonic() - started < 15
     assert all(not alive(pid) for pid in qemu_pids(tmp_path))
+
+
+def test_a_wedged_kernel_ends_the_run_and_names_the_running_test(standin, tmp_path,
+                                                                  monkeypatch):
+    """Stall reports keep the console busy: the grace after them ends the run, not --timeout."""
+    monkeypatch.setenv("STANDIN_MODE", "wedge")
+    monkeypatch.setattr(boot, "WEDGE_GRACE_SECONDS", 1.0)
+    started = time.monotonic()
+    outcome, _, out = run(standin, tmp_path, accel.AccelPlan("tcg", None, "t"),
+                          timeout=60, stall_timeout=30)
+    assert outcome.status == "wedged"
+    assert outcome.detail == ("kernel wedged: RCU stall reported, then no test output for 1 s "
+                              "during test_map_free.py::test_free_while_in_use")
+    assert time.monotonic() - started < 30
+    assert "self-detected stall" in (out / "console.log").read_text()
+    assert all(not alive(pid) for pid in qemu_pids(tmp_path))
+
+    from runner.pipeline import judge_output_dir
+
+    verdict = judge_output_dir(out, outcome.status)[0]
+    assert verdict.exit_code == 3
+    assert verdict.reason.startswith("RCU stall at console line ")
+    assert verdict.reason.endswith(" during test_map_free.py::test_free_while_in_use")
+
+
+def feed(watch: boot.WedgeWatch, lines: list[tuple[float, str]]) -> None:
+    for when, line in lines:
+        watch.line(line, when)
+
+
+def test_wedge_watch_needs_a_stall_report_then_a_quiet_grace():
+    watch = boot.WedgeWatch(grace=30)
+    feed(watch, [(0, "test_a.py::test_x PASSED"), (1, "test_a.py::test_y "),
+                 (2, "[   12.000000] WARNING: CPU: 0 PID: 1 at net/core/x.c:1 f+0x1/0x2")])
+    # A WARNING is a splat, but not a wedge: the run goes on.
+    assert watch.wedged(100) is None
+    feed(watch, [(3, "[   33.000000] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! "
+                     "[python3:99]")])
+    assert watch.wedged(32.9) is None
+    assert watch.wedged(33) == ("kernel wedged: soft lockup reported, then no test output "
+                                "for 30 s during test_a.py::test_y")
+
+
+def test_wedge_watch_is_disarmed_by_test_output_and_rearmed_by_the_next_report():
+    watch = boot.WedgeWatch(grace=30)
+    feed(watch, [(0, "test_a.py::test_x [  120.000000] INFO: task python3:9 blocked for "
+                     "more than 120 seconds."),
+                 (5, "PASSED"), (6, "test_a.py::test_z PASSED")])
+    # The tests moved on after the report: a long quiet test later is not a wedge.
+    assert watch.wedged(1000) is None
+    feed(watch, [(7, "test_a.py::test_w "),
+                 (8, "[  141.000000] rcu: INFO: rcu_sched detected stalls on CPUs/tasks:")])
+    assert watch.wedged(37.9) is None
+    assert watch.wedged(38).endswith("during test_a.py::test_w")
+
+
+def test_wedge_watch_names_the_test_still_on_the_unfinished_line():
+    watch = boot.WedgeWatch(grace=1)
+    feed(watch, [(0, "[   61.000000] rcu: INFO: rcu_preempt self-detected stall on CPU")])
+    assert watch.wedged(2, partial="test_b.py::test_q[ipv6] ") == (
+        "kernel wedged: RCU stall reported, then no test output for 1 s during "
+        "test_b.py::test_q[ipv6]")
+    assert watch.wedged(2).endswith("for 1 s")
 
 
 def test_qemu_failing_to_start_is_an_infrastructure_error(standin, tmp_path, monkeypatch):
