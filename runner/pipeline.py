@@ -30,6 +30,7 @@ from runner import (
     patches,
     prebuilt,
     preflight,
+    progress,
     remote,
     results,
     source,
@@ -499,6 +500,7 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
         timings["total"] = round(time.monotonic() - run_started, 2)
         summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         artifacts.write_summary(out, summary)
+        log(progress.format_timings(timings))
         log(f"artifacts: {out}")
 
 

@@ -1,14 +1,19 @@
 """A status line for long steps (unpacking, building): live on a terminal, sparse in CI logs.
 
 A 20-minute build must show that it is alive without flooding a CI log
-with thousands of lines.
+with thousands of lines; at the end, one line says where the time went.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping
 from typing import TextIO
+
+# summary.json's "timings" keys in pipeline order; sub-times name their stage.
+STAGE_ORDER = ("source", "fetch", "patches", "config", "build", "guest")
+SUB_TIMES = {"kernel_banner": ("guest", "kernel banner at")}
 
 
 def format_elapsed(seconds: float) -> str:
@@ -52,3 +57,26 @@ class StatusLine:
             self.stream.write(text + "\n")
         self._width = 0
         self.stream.flush()
+
+
+def format_timings(timings: Mapping[str, float]) -> str:
+    """One line from summary.json's timings: each stage, its share of the total, the rest."""
+    total = timings.get("total")
+    stages = [k for k in STAGE_ORDER if k in timings]
+    stages += sorted(k for k in timings if k not in STAGE_ORDER and k not in SUB_TIMES
+                     and k != "total")
+    parts = []
+    for stage in stages:
+        part = f"{stage} {timings[stage]:.1f} s"
+        notes = [f"{label} {timings[sub]:.1f} s" for sub, (parent, label) in SUB_TIMES.items()
+                 if parent == stage and sub in timings]
+        if notes:
+            part += f" ({', '.join(notes)})"
+        parts.append(part)
+    if total is not None:
+        # Runner overhead between stages (preflight, judging, artifacts).
+        other = total - sum(timings[k] for k in stages)
+        if other >= 0.05:
+            parts.append(f"other {other:.1f} s")
+        parts.append(f"total {total:.1f} s")
+    return "timings: " + (", ".join(parts) if parts else "none recorded")
