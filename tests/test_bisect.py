@@ -290,26 +290,26 @@ def test_infrastructure_failures_are_retried_then_skipped_never_bad(
 
 def test_an_infrastructure_failure_next_to_the_answer_is_never_blamed(tmp_path, standin):
     behaviours = ["pass"] * 4 + ["infra"] + ["fail"] * 3
-    commits, result, code, text = bisect_repo(tmp_path, standin, behaviours)
+    commits, result, _code, _text = bisect_repo(tmp_path, standin, behaviours)
     assert result.status == "inconclusive" and commits[4] in result.candidates
     assert result.first_bad is None
 
 
 def test_a_retry_that_then_fails_labels_the_commit_bad(tmp_path, standin):
     behaviours = ["pass"] * 4 + ["infra-then-fail"] + ["fail"] * 3
-    commits, result, code, text = bisect_repo(tmp_path, standin, behaviours)
+    commits, result, code, _text = bisect_repo(tmp_path, standin, behaviours)
     assert result.first_bad == commits[4] and code == 0
-    step = [s for s in result.steps if s["commit"] == commits[4]][0]
+    step = next(s for s in result.steps if s["commit"] == commits[4])
     assert [r["outcome"] for r in step["runs"]] == ["retry", "bad"]
     assert step["reason"].startswith("run 2: ")
 
 
 def test_a_commit_failing_only_other_tests_is_skipped_not_blamed(tmp_path, standin):
     behaviours = ["pass"] * 4 + ["other-fail"] + ["pass"] * 2 + ["fail"] * 2
-    commits, result, code, text = bisect_repo(tmp_path, standin, behaviours)
+    commits, result, _code, text = bisect_repo(tmp_path, standin, behaviours)
     assert (result.status, result.first_bad) == ("found", commits[7]), text
     assert result.signature == ["test_teardown::test_closed_sockets_leave_no_storage_in_the_map"]
-    step = [s for s in result.steps if s["commit"] == commits[4]][0]
+    step = next(s for s in result.steps if s["commit"] == commits[4])
     assert step["outcome"] == "skip"
     assert "test_map_create::test_something_else" in step["reason"]
 
@@ -508,7 +508,7 @@ def test_endpoints_are_checked_before_bisecting(tmp_path, standin, behaviours, r
 
 
 def test_the_report_says_when_the_culprit_builds_its_parents_kernel(tmp_path, standin):
-    commits, result, code, text = bisect_repo(
+    commits, result, _code, text = bisect_repo(
         tmp_path, standin, ["pass", "pass", "fail-same-kernel"])
     assert result.first_bad == commits[2] and result.identical_to_parent is True
     assert "kernel: IDENTICAL to its parent's" in text and "do not blame it" in text
@@ -518,7 +518,7 @@ def test_the_report_says_when_the_culprit_builds_its_parents_kernel(tmp_path, st
 
 
 def test_a_culprit_that_changes_the_kernel_is_reported_as_such(tmp_path, standin):
-    commits, result, code, text = bisect_repo(tmp_path, standin, ["pass", "pass", "fail"])
+    commits, result, _code, text = bisect_repo(tmp_path, standin, ["pass", "pass", "fail"])
     assert result.first_bad == commits[2] and result.identical_to_parent is False
     assert "kernel: differs from its parent's" in text
 
@@ -583,11 +583,13 @@ def test_help_inside_a_bisect_stops_git_instead_of_saying_good(tmp_path):
     driver = [sys.executable, "-m", "runner", "bisect", "--help"]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     for command in (step, driver):
-        outside = subprocess.run(command, cwd=tree, capture_output=True, text=True, env=env)
+        outside = subprocess.run(command, cwd=tree, capture_output=True, text=True, env=env,
+                                 check=False)
         assert outside.returncode == 0 and "--runs N" in outside.stdout, outside.stderr
     git(tree, "bisect", "start", commits[1], commits[0])
     for command in (step, driver):
-        inside = subprocess.run(command, cwd=tree, capture_output=True, text=True, env=env)
+        inside = subprocess.run(command, cwd=tree, capture_output=True, text=True, env=env,
+                                 check=False)
         assert inside.returncode == 255, inside.stdout + inside.stderr
         assert "stops 'git bisect run' instead of marking the commit good" in inside.stderr
     git(tree, "bisect", "reset")
@@ -606,8 +608,8 @@ def test_a_step_that_ignores_signals_is_stopped_within_the_configured_grace(tmp_
     assert process.returncode == -signal.SIGKILL
     assert time.monotonic() - started < 3.0
     # A step that exits on SIGINT ends the wait at once, whatever the grace.
-    quick = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); "
-                              "time.sleep(60)"], stdout=subprocess.PIPE, text=True,
+    quick = subprocess.Popen([sys.executable, "-c", ("import time; print('ready', flush=True); "
+                              "time.sleep(60)")], stdout=subprocess.PIPE, text=True,
                              start_new_session=True)
     assert quick.stdout.readline() == "ready\n"
     started = time.monotonic()
