@@ -71,16 +71,19 @@ class BuildDir:
 def build_key(
     source: Path, series: Series | None, fragments: Sequence[Path]
 ) -> tuple[str, dict[str, object]]:
-    """Key from the source's realpath, the series (file and entry list) and the fragment set.
+    """Key from the source's realpath, the series' entry list and the fragments' file names.
 
-    Patch and fragment *contents* are deliberately not in the key: editing a
-    patch is the edit-and-test loop and must rebuild incrementally in place.
+    Where the series and fragments live is not in the key: a second checkout
+    of the project (same source, same series) must find the build directory
+    the first one built.  Patch and fragment *contents* are not in it either:
+    editing a patch is the edit-and-test loop and must rebuild incrementally
+    in place.  A shared directory is only ever a speed question: make, the
+    config stamp and the no-op check all judge the actual contents.
     """
     description: dict[str, object] = {
         "source": str(Path(source).resolve()),
-        "series": str(series.file) if series else None,
-        "series_entries": series.listing() if series else "",
-        "fragments": sorted(str(Path(f).resolve()) for f in fragments),
+        "series_entries": series.listing() if series else None,
+        "fragments": sorted(Path(f).name for f in fragments),
     }
     blob = json.dumps(description, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16], description
@@ -91,12 +94,42 @@ def build_dir_for(
 ) -> BuildDir:
     """The build directory for this (source, series, fragments), created with a key.json."""
     key, description = build_key(source, series, fragments)
-    root = cache.builds / f"{Path(source).resolve().name}-{key}"
+    name = Path(source).resolve().name
+    root = cache.builds / f"{name}-{key}"
+    if not root.exists() and not root.is_symlink():
+        _adopt_path_keyed_dir(cache, root, _path_key(source, series, fragments), name)
     root.mkdir(parents=True, exist_ok=True)
     key_file = root / "key.json"
-    if not key_file.exists():
+    if not key_file.exists() or json.loads(key_file.read_text()) != description:
         key_file.write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
     return BuildDir(root, key)
+
+
+def _path_key(source: Path, series: Series | None, fragments: Sequence[Path]) -> str:
+    """The key of earlier versions, which held the series' and fragments' paths."""
+    description = {
+        "source": str(Path(source).resolve()),
+        "series": str(series.file) if series else None,
+        "series_entries": series.listing() if series else "",
+        "fragments": sorted(str(Path(f).resolve()) for f in fragments),
+    }
+    blob = json.dumps(description, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _adopt_path_keyed_dir(cache: Cache, root: Path, old_key: str, name: str) -> None:
+    """Point the new key at a build directory made under the old key, instead of rebuilding.
+
+    A symlink, not a rename: Kbuild and objtool record the O= directory's
+    real path, and make resolves the link to that same path, so nothing is
+    rebuilt.
+    """
+    old = cache.builds / f"{name}-{old_key}"
+    if old.is_dir() and not old.is_symlink():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        # Another run may have adopted it a moment ago: same link, fine.
+        with contextlib.suppress(FileExistsError):
+            root.symlink_to(old.name)
 
 
 def make_command(

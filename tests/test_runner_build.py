@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import signal
 import subprocess
 import sys
@@ -39,13 +41,53 @@ def test_the_key_follows_the_source_realpath_not_the_spelling(tmp_path):
         build.build_key(tmp_path / "alias", None, [])[0]
 
 
-def test_two_series_never_share_a_build_dir(tmp_path):
+def test_different_series_never_share_a_build_dir(tmp_path):
     (tmp_path / "linux").mkdir()
-    first = series_in(tmp_path / "one", "0001-a.patch")
-    second = series_in(tmp_path / "two", "0001-a.patch")
+    one = series_in(tmp_path / "one", "0001-a.patch")
+    other = series_in(tmp_path / "other", "0001-b.patch")
     longer = series_in(tmp_path / "three", "0001-a.patch", "0002-b.patch")
-    keys = {build.build_key(tmp_path / "linux", s, [])[0] for s in (None, first, second, longer)}
+    keys = {build.build_key(tmp_path / "linux", s, [])[0] for s in (None, one, other, longer)}
     assert len(keys) == 4
+    # An empty series file is not "no series".
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "series").write_text("# nothing yet\n")
+    assert build.build_key(tmp_path / "linux", load_series(tmp_path / "empty" / "series"),
+                           [])[0] not in keys
+
+
+def test_a_second_checkout_of_the_same_series_and_fragments_reuses_the_build_dir(tmp_path):
+    """Only content counts: the same series and fragments elsewhere share the directory."""
+    (tmp_path / "linux").mkdir()
+    keys = set()
+    for checkout in ("main", "second"):
+        series = series_in(tmp_path / checkout / "kernel_patches", "0001-a.patch",
+                           "0002-b.patch")
+        fragment = tmp_path / checkout / "kconfig" / "sk-storage.config"
+        keys.add(build.build_key(tmp_path / "linux", series, [fragment])[0])
+    assert len(keys) == 1
+
+
+def test_a_build_dir_made_under_the_path_key_is_adopted_not_rebuilt(tmp_path):
+    source = tmp_path / "linux"
+    source.mkdir()
+    cache = Cache(tmp_path / "cache")
+    series = series_in(tmp_path / "kp", "0001-a.patch")
+    fragment = tmp_path / "sk-storage.config"
+    # What earlier versions named this build directory.
+    old_description = {"source": str(source), "series": str(series.file),
+                       "series_entries": series.listing(), "fragments": [str(fragment)]}
+    old_key = hashlib.sha256(json.dumps(old_description, sort_keys=True).encode()).hexdigest()
+    old = cache.builds / f"linux-{old_key[:16]}"
+    (old / "obj").mkdir(parents=True)
+    (old / "obj" / "vmlinux").write_text("built")
+    build_dir = build.build_dir_for(cache, source, series, [fragment])
+    assert build_dir.root.resolve() == old
+    assert (build_dir.obj / "vmlinux").read_text() == "built"
+    assert json.loads((old / "key.json").read_text())["fragments"] == ["sk-storage.config"]
+    # Asking again finds the link; a source without an old directory gets a plain one.
+    assert build.build_dir_for(cache, source, series, [fragment]).root == build_dir.root
+    fresh = build.build_dir_for(cache, source, None, [fragment])
+    assert fresh.root.is_dir() and not fresh.root.is_symlink()
 
 
 def test_editing_a_patch_keeps_the_build_dir_for_incremental_rebuilds(tmp_path):
