@@ -35,7 +35,8 @@ def test_debian_61_boots_runs_the_selection_and_reports_a_failure(tmp_path):
     log = proc.stdout + proc.stderr
     # The selection holds one deliberately failing test: the verdict must say so.
     assert proc.returncode == ExitCode.TEST_FAILURE, log
-    assert "VERDICT: TEST FAILURE - 1 test(s) failed: test_deliberate_failure (exit 1)" in log
+    assert ("VERDICT: TEST FAILURE - 1 test(s) failed: test_deliberate_failure "
+            "[2 passed, 1 failed, 1 skipped (uncategorized 1)] (exit 1)") in log
 
     summary = json.loads((out / "summary.json").read_text())
     outcomes = {t["name"].split("::")[-1]: t["outcome"] for t in summary["tests"]}
