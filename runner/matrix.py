@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from runner import artifacts, pipeline, results
+from runner import artifacts, pipeline, preflight, results
 from runner.errors import ExitCode, UsageError
 
 DEFAULT_KERNELS = "distro:5.10,distro:6.1,distro:6.12,distro:7.2"
@@ -302,6 +302,8 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     _reject_single_kernel_options(args)
     specs = parse_kernels(args.kernels)
     options = cli.options_from_args(args, [])
+    # Every kernel's run would refuse a hidden path; refuse it once, before any directory exists.
+    preflight.check_guest_visible(pipeline.guest_paths(options))
     out = artifacts.prepare_output_dir(options.output)
     log(f"matrix: {len(specs)} kernel(s) into {out}")
     columns: list[KernelColumn] = []

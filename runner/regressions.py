@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from runner import artifacts, pipeline, regression_verdict, results
+from runner import artifacts, pipeline, preflight, regression_verdict, results
 from runner.cache import Cache, open_cache
 from runner.errors import ExitCode, Interrupted, UsageError
 from runner.patches import load_series
@@ -334,6 +334,10 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
                          "the default source + kernel_patches/series + one regression patch")
     if not pipeline.DEFAULT_SERIES.exists():
         raise UsageError(f"the default series {pipeline.DEFAULT_SERIES} is missing")
+    # Every regression's run would refuse a hidden path; refuse it once, before any directory.
+    from runner import cli
+
+    preflight.check_guest_visible(pipeline.guest_paths(cli.options_from_args(args, [])))
     out = artifacts.prepare_output_dir(args.output)
     cache = open_cache(args.cache_dir)
     log(f"regressions: {len(regressions)} regression(s) into {out}")

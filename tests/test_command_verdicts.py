@@ -201,3 +201,13 @@ def test_a_usage_error_in_one_run_is_recorded_with_its_own_code(tmp_path):
     assert summary_of(tmp_path / "k")["exit_code"] == ExitCode.USAGE
     assert lines == [f"run-selftests: error: {error}"]
 
+
+
+@pytest.mark.parametrize("command", [["bench"], ["matrix", "--kernels", "distro:6.1"],
+                                     ["regressions"]])
+def test_every_command_refuses_an_output_the_guest_cannot_see(tmp_path, command, capsys):
+    hidden = "/var/cache/sk-storage-selftests-never-created/out"
+    assert cli.main([*command, "--output", hidden, "--cache-dir",
+                     str(tmp_path / "cache")]) == ExitCode.USAGE
+    assert "is under /var/cache, which virtme-ng's guest covers" in capsys.readouterr().err
+    assert not Path(hidden).parent.exists()
