@@ -18,7 +18,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +66,11 @@ class BuildDir:
     def image(self) -> Path:
         """The bzImage a successful build leaves."""
         return self.obj / BZIMAGE
+
+    @property
+    def built_state(self) -> Path:
+        """What the last successful make saw and left (see unchanged_since_last_build)."""
+        return self.root / "built-state.json"
 
 
 def build_key(
@@ -155,6 +160,124 @@ class BuildResult:
     seconds: float
     steps: int
     command: str
+    # make was not run: nothing it reads had changed since it last succeeded.
+    skipped: bool = False
+
+
+# --- skipping a no-op make ---------------------------------------------------------------
+#
+# A make that has nothing to do still costs 8-30 s on a 2-core machine (it
+# re-reads thousands of .cmd files and re-runs its generators).  Instead,
+# the state of everything make reads is recorded after each successful
+# build and compared before the next: every file of the source tree and of
+# the O= tree by path, size and mtime (what make itself goes by, and any
+# edit changes the mtime; a changed size or a moved-back mtime is caught too,
+# which make would miss), the make command line, the environment variables
+# Kbuild reads, and the toolchain binaries.  Anything different runs make.
+
+# Environment Kbuild and its tools read (PATH: which compiler is found).
+_KBUILD_ENV = re.compile(
+    r"^(?:ARCH|SRCARCH|CROSS_COMPILE|LLVM|LLVM_IAS|CC|HOSTCC|HOSTCXX|LD|AS|AR|NM|OBJCOPY|"
+    r"OBJDUMP|STRIP|PAHOLE|KCONFIG_\w+|KBUILD_\w+|KCFLAGS|KCPPFLAGS|KAFLAGS|KRUSTFLAGS|"
+    r"LOCALVERSION|SOURCE_DATE_EPOCH|CCACHE_\w+|PATH|O|V|W|C|M|KERNELRELEASE)$"
+)
+# The host tools a kernel build runs; an upgrade of any of them rebuilds.
+_TOOLCHAIN = ("make", "gcc", "cc", "ld", "as", "objcopy", "nm", "ar", "pahole", "ccache",
+              "perl", "bison", "flex", "openssl")
+# Not Kbuild's: virtme-ng stages the modules it boots with in the O= tree.
+_NOT_BUILD_OUTPUT = frozenset({".virtme_mods"})
+
+
+def _tree_state(digest, root: Path, skip_top: frozenset[str]) -> int:
+    """Feed path, type, size and mtime of every file under root into digest; the file count.
+
+    Directories themselves are left out: applying and removing a series
+    touches their mtimes without changing anything make reads.
+    """
+    count = 0
+    stack = [root]
+    while stack:
+        directory = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except FileNotFoundError:
+            continue
+        for entry in entries:
+            if directory == root and entry.name in skip_top:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(Path(entry.path))
+                continue
+            st = entry.stat(follow_symlinks=False)
+            target = os.readlink(entry.path) if entry.is_symlink() else ""
+            digest.update(f"{os.path.relpath(entry.path, root)}\0{st.st_mode:o}\0{st.st_size}\0"
+                          f"{st.st_mtime_ns}\0{target}\n".encode("utf-8", "surrogateescape"))
+            count += 1
+    return count
+
+
+def _git_state(source: Path) -> str:
+    """HEAD and index of a git tree: setlocalversion puts them in the kernel release."""
+    git = source / ".git"
+    if git.is_file():  # a worktree: "gitdir: <path>"
+        text = git.read_text(errors="replace").strip()
+        git = (source / text.removeprefix("gitdir:").strip()).resolve()
+    parts = []
+    for name in ("HEAD", "index", "packed-refs"):
+        path = git / name
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            parts.append(f"{name} {st.st_size} {st.st_mtime_ns}")
+    head = git / "HEAD"
+    with contextlib.suppress(OSError):
+        ref = head.read_text(errors="replace").strip()
+        parts.append(ref)
+        if ref.startswith("ref: "):
+            parts.append((git / ref[5:]).read_text(errors="replace").strip())
+    return "\n".join(parts)
+
+
+def input_state(source: Path, command: Sequence[str], env: Mapping[str, str]) -> tuple[str, int]:
+    """Digest of what make reads besides its own output: the source tree, command, environment,
+    toolchain; with the number of source files looked at."""
+    digest = hashlib.sha256()
+    # -jN changes how, not what, make builds.
+    digest.update(json.dumps([a for a in command if not a.startswith("-j")]).encode())
+    digest.update(json.dumps(sorted((k, v) for k, v in env.items()
+                                    if _KBUILD_ENV.match(k))).encode())
+    for tool in _TOOLCHAIN:
+        found = shutil.which(tool, path=env.get("PATH"))
+        if found:
+            real = os.path.realpath(found)
+            st = os.stat(real)
+            digest.update(f"{tool} {real} {st.st_size} {st.st_mtime_ns}\n".encode())
+    digest.update(_git_state(source).encode("utf-8", "surrogateescape"))
+    count = _tree_state(digest, source, frozenset({".git"}))
+    return digest.hexdigest(), count
+
+
+def output_state(obj: Path) -> str:
+    """Digest of the O= tree as make left it (a deleted or touched object means make runs)."""
+    digest = hashlib.sha256()
+    _tree_state(digest, obj, _NOT_BUILD_OUTPUT)
+    return digest.hexdigest()
+
+
+def unchanged_since_last_build(build_dir: BuildDir, inputs: str) -> bool:
+    """True when the last make succeeded with these inputs and its output is untouched since."""
+    try:
+        recorded = json.loads(build_dir.built_state.read_text())
+    except (OSError, ValueError):
+        return False
+    return (recorded.get("inputs") == inputs and build_dir.image.exists()
+            and recorded.get("output") == output_state(build_dir.obj))
+
+
+def _record_build(build_dir: BuildDir, inputs: str) -> None:
+    tmp = build_dir.built_state.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"inputs": inputs, "output": output_state(build_dir.obj)}) + "\n")
+    tmp.replace(build_dir.built_state)
 
 
 # Kbuild's quiet output: "  CC      net/core/sock.o", "  LD [M]  fs/x.ko", ...
@@ -196,6 +319,16 @@ def build_kernel(
     steps = 0
     last_step = ""
     printable = " ".join(command)
+    # Taken before make starts: an edit made while make runs must not count as built.
+    inputs, files = input_state(source, command, env)
+    if unchanged_since_last_build(build_dir, inputs):
+        seconds = time.monotonic() - started
+        status.finish(f"build: nothing changed since the last build ({files} source files "
+                      f"checked in {seconds:.1f} s); make skipped")
+        return BuildResult(build_dir.image, seconds, 0, printable, skipped=True)
+    # A make that fails or is interrupted must never leave a "built" record.
+    with contextlib.suppress(FileNotFoundError):
+        build_dir.built_state.unlink()
     with open(build_dir.build_log, "w", errors="replace") as log:
         log.write(f"$ {printable}\n")
         log.flush()
@@ -235,6 +368,7 @@ def build_kernel(
     status.finish(f"build: done in {format_elapsed(seconds)}, {steps} steps{ccache_note}")
     if not build_dir.image.exists():
         raise BuildError(f"make succeeded but {build_dir.image} is missing; see the build log")
+    _record_build(build_dir, inputs)
     return BuildResult(build_dir.image, seconds, steps, printable)
 
 

@@ -225,7 +225,7 @@ def build_from_source(
                                           build_dir.patched_files_state)
             timings["build"] = round(built.seconds, 2)
             summary["build"] = {"command": built.command, "steps": built.steps,
-                                "targets": targets}
+                                "targets": targets, "make_skipped": built.skipped}
     finally:
         if "config" in reached:
             artifacts.save_copy(build_dir.config_log, out, artifacts.CONFIG_LOG)

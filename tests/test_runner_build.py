@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -240,3 +241,151 @@ def running(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# --- a no-op make is skipped; any change runs it -------------------------------------------
+
+COUNTING_RECIPE = """
+    @mkdir -p $(O) && echo run >> $(O)/../make-runs
+    @echo "  CC      net/core/bpf_sk_storage.o"
+    @mkdir -p $(O)/arch/x86/boot && cat $(CURDIR)/net/core/bpf_sk_storage.c > $(O)/arch/x86/boot/bzImage
+"""
+
+
+def counting_tree(tmp_path: Path) -> tuple:
+    source, cache, build_dir = stand_in_tree(tmp_path, COUNTING_RECIPE)
+    (source / "net" / "core").mkdir(parents=True)
+    (source / "net" / "core" / "bpf_sk_storage.c").write_text("int storage;\n")
+    (source / "include").mkdir()
+    (source / "include" / "sk.h").write_text("#define X 1\n")
+    return source, cache, build_dir
+
+
+def make_runs(build_dir) -> int:
+    runs = build_dir.root / "make-runs"
+    return len(runs.read_text().split()) if runs.exists() else 0
+
+
+def test_nothing_changed_skips_make_and_keeps_the_image(tmp_path):
+    source, cache, build_dir = counting_tree(tmp_path)
+    first = build.build_kernel(source, build_dir, 2, ["bzImage"], cache)
+    second = build.build_kernel(source, build_dir, 2, ["bzImage"], cache)
+    assert not first.skipped and second.skipped
+    assert make_runs(build_dir) == 1
+    assert second.image == build_dir.image and second.image.read_text() == "int storage;\n"
+    # -j is how, not what: still nothing to do.
+    assert build.build_kernel(source, build_dir, 1, ["bzImage"], cache).skipped
+
+
+def _edit_same_size(source, obj):
+    (source / "net/core/bpf_sk_storage.c").write_text("int storagf;\n")
+
+
+def _edit_keeping_the_mtime(source, obj):
+    path = source / "net/core/bpf_sk_storage.c"
+    st = path.stat()
+    path.write_text("int storage_two;\n")
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _touch_back_in_time(source, obj):
+    path = source / "include/sk.h"
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 10**9))
+
+
+def _new_file(source, obj):
+    (source / "net/core/new.c").write_text("")
+
+
+def _deleted_file(source, obj):
+    (source / "include/sk.h").unlink()
+
+
+def _symlink_retargeted(source, obj):
+    (source / "include/link.h").symlink_to("sk.h")
+
+
+def _image_deleted(source, obj):
+    (obj / "arch/x86/boot/bzImage").unlink()
+
+
+def _config_changed(source, obj):
+    (obj / ".config").write_text("CONFIG_X=y\n")
+
+
+@pytest.mark.parametrize("change", [
+    _edit_same_size, _edit_keeping_the_mtime, _touch_back_in_time, _new_file, _deleted_file,
+    _symlink_retargeted, _image_deleted, _config_changed,
+])
+def test_any_change_to_the_tree_or_the_build_output_runs_make(tmp_path, change):
+    source, cache, build_dir = counting_tree(tmp_path)
+    build.build_kernel(source, build_dir, 2, ["bzImage"], cache)
+    time.sleep(0.01)  # a distinct mtime even on coarse-timestamp filesystems
+    change(source, build_dir.obj)
+    result = build.build_kernel(source, build_dir, 2, ["bzImage"], cache)
+    assert not result.skipped and make_runs(build_dir) == 2
+    # ...and once built, the new state is the one remembered.
+    assert build.build_kernel(source, build_dir, 2, ["bzImage"], cache).skipped
+
+
+def test_other_targets_environment_or_compiler_run_make(tmp_path, monkeypatch):
+    source, cache, build_dir = counting_tree(tmp_path)
+    build.build_kernel(source, build_dir, 2, ["bzImage"], cache)
+    assert not build.build_kernel(source, build_dir, 2, ["bzImage", "modules"], cache).skipped
+    monkeypatch.setenv("KCFLAGS", "-O1")
+    assert not build.build_kernel(source, build_dir, 2, ["bzImage", "modules"], cache).skipped
+    # A different gcc first on PATH is another compiler.
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "gcc").write_text("#!/bin/sh\nexec /usr/bin/gcc \"$@\"\n")
+    (fake_bin / "gcc").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}:{os.environ['PATH']}")
+    assert not build.build_kernel(source, build_dir, 2, ["bzImage", "modules"], cache).skipped
+    assert build.build_kernel(source, build_dir, 2, ["bzImage", "modules"], cache).skipped
+
+
+def test_virtme_ngs_staged_modules_in_the_build_tree_are_not_a_change(tmp_path):
+    source, cache, build_dir = counting_tree(tmp_path)
+    build.build_kernel(source, build_dir, 2, ["bzImage"], cache)
+    (build_dir.obj / ".virtme_mods" / "lib").mkdir(parents=True)
+    assert build.build_kernel(source, build_dir, 2, ["bzImage"], cache).skipped
+
+
+def test_a_failed_make_is_never_remembered_as_built(tmp_path):
+    source, cache, build_dir = counting_tree(tmp_path)
+    build.build_kernel(source, build_dir, 2, ["bzImage"], cache)
+    makefile = source / "Makefile"
+    good = makefile.read_text()
+    makefile.write_text("bzImage modules:\n\t@echo run >> $(O)/../make-runs\n\t@false\n")
+    with pytest.raises(BuildError):
+        build.build_kernel(source, build_dir, 2, ["bzImage"], cache)
+    # Back to the exact bytes and mtime of the last good build: the failure still counts.
+    st_before = (source / "include/sk.h").stat()
+    makefile.write_text(good)
+    os.utime(makefile, ns=(st_before.st_atime_ns, st_before.st_mtime_ns))
+    assert not build.build_kernel(source, build_dir, 2, ["bzImage"], cache).skipped
+    assert make_runs(build_dir) == 3
+
+
+def test_an_edit_while_make_runs_is_not_counted_as_built(tmp_path):
+    source, cache, build_dir = stand_in_tree(tmp_path, """
+        @mkdir -p $(O)/arch/x86/boot && cp $(CURDIR)/file.c $(O)/arch/x86/boot/bzImage
+        @sleep 0.05; echo edited-meanwhile > $(CURDIR)/file.c
+    """)
+    (source / "file.c").write_text("original\n")
+    build.build_kernel(source, build_dir, 2, ["bzImage"], cache)
+    assert not build.build_kernel(source, build_dir, 2, ["bzImage"], cache).skipped
+
+
+def test_a_new_commit_in_a_git_tree_runs_make(tmp_path):
+    """setlocalversion puts HEAD into the kernel release: a commit alone changes the kernel."""
+    source, cache, build_dir = counting_tree(tmp_path)
+    git = ["git", "-C", str(source), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-qm", "one"], check=True)
+    build.build_kernel(source, build_dir, 2, ["bzImage"], cache)
+    assert build.build_kernel(source, build_dir, 2, ["bzImage"], cache).skipped
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "two"], check=True)
+    assert not build.build_kernel(source, build_dir, 2, ["bzImage"], cache).skipped
