@@ -233,8 +233,18 @@ def outcomes(tests) -> dict:
     return {t.name: t.outcome for t in tests}
 
 
-def leftover_workdirs() -> set:
-    return set(Path("/tmp").glob("sk-storage-selftests-*"))
+def workdirs_of(uid: int) -> set:
+    """The runner's temporary directories on this machine owned by uid.
+
+    Other runs of these tests may share the machine, so a test checks the
+    directory its own run reported, or (when none was reported) by owner.
+    """
+    return {p for p in Path("/tmp").glob("sk-storage-selftests-*") if p.stat().st_uid == uid}
+
+
+def assert_removed(workdir: str) -> None:
+    assert workdir.startswith("/tmp/sk-storage-selftests-")
+    assert not Path(workdir).exists(), f"the run left {workdir} on the target"
 
 
 # --- trust and authentication ---------------------------------------------------------------
@@ -386,7 +396,7 @@ def test_login_user_without_sudo_is_a_clear_error(sshd_without_sftp, tmp_path):
     user = user_without_sudo()
     if user is None:
         pytest.skip("no local account with a login shell and without passwordless sudo")
-    before = leftover_workdirs()
+    before = workdirs_of(pwd.getpwnam(user).pw_uid)
     with pytest.raises(remote.TargetUnsuitable) as caught:
         remote_run(sshd_without_sftp, known_hosts_for(sshd_without_sftp, tmp_path),
                    tmp_path / "out", target=f"ssh://{user}@127.0.0.1:{sshd_without_sftp.port}")
@@ -395,7 +405,7 @@ def test_login_user_without_sudo_is_a_clear_error(sshd_without_sftp, tmp_path):
         "or a tty is required); log in as root (ssh://root@...) or allow that user "
         "passwordless sudo")
     assert caught.value.exit_code == ExitCode.USAGE
-    assert leftover_workdirs() == before
+    assert workdirs_of(pwd.getpwnam(user).pw_uid) == before, "the probe made a directory"
 
 
 def test_target_url_must_be_ssh():
@@ -409,7 +419,6 @@ def test_target_url_must_be_ssh():
 # --- suite runs against this machine's kernel ------------------------------------------------
 
 def test_selection_gets_the_same_verdict_as_a_direct_run(sshd, known_hosts, tmp_path):
-    before = leftover_workdirs()
     lines: list = []
     outcome, verdict, tests, splats = remote_run(sshd, known_hosts, tmp_path / "out",
                                                  keyword=SMALL_SELECTION, lines=lines)
@@ -428,7 +437,7 @@ def test_selection_gets_the_same_verdict_as_a_direct_run(sshd, known_hosts, tmp_
     assert "\x1b[" not in console, "pytest on the target must not colour console.log"
     assert outcome.facts["transfer"] == "sftp"
     assert any(ln.endswith(" over sftp") and ln.startswith("remote: pushed") for ln in lines)
-    assert leftover_workdirs() == before, "the temporary directory must be removed"
+    assert_removed(outcome.facts["workdir"])
 
 
 def test_full_suite_gets_the_same_verdict_as_a_direct_run(sshd, known_hosts, tmp_path):
@@ -467,23 +476,23 @@ def test_target_without_python3_is_a_clear_error(sshd, known_hosts, tmp_path):
 
 def test_deadline_stops_pytest_on_the_target_and_reports_a_timeout(sshd, known_hosts,
                                                                     tmp_path):
-    before = leftover_workdirs()
     # --timeout counts from the connection, so a short one may pass before the
     # test has started on a loaded machine; such a run must still end as a
     # timeout, and the next, longer one shows pytest itself being stopped.
-    for attempt, timeout in enumerate((5, 10, 20, 40)):
+    for attempt, timeout in enumerate((6, 12, 24, 48)):
         out = tmp_path / f"out{attempt}"
         outcome, verdict, _, _ = remote_run(sshd, known_hosts, out, markers=None,
                                             suite=SLOW_SUITE, timeout=timeout)
         assert outcome.status == "timeout"
         assert outcome.facts["stopped_by"] == "the host ended the run"
         assert verdict.exit_code == ExitCode.TIMEOUT
-        assert_none_running("slow-suite")
-        assert leftover_workdirs() == before
+        # pytest's command line names the work directory (--junitxml).
+        assert_none_running(outcome.facts["workdir"])
+        assert_removed(outcome.facts["workdir"])
         if BUSY in (out / "console.log").read_text():
             break
     else:
-        pytest.fail("the slow test never started within a 40 s deadline")
+        pytest.fail("the slow test never started within a 48 s deadline")
 
 
 def assert_none_running(text: str) -> None:
@@ -708,7 +717,6 @@ def test_exec_transfer_failure_names_its_cause(sshd_without_sftp, tmp_path):
 
 @pytest.mark.skipif(not WIRED, reason=NOT_WIRED)
 def test_command_line_run_on_a_target_without_sftp(sshd_without_sftp, tmp_path):
-    before = leftover_workdirs()
     out = tmp_path / "out"
     proc = run_selftests("--target", sshd_without_sftp.url(), "--identity",
                          str(sshd_without_sftp.client_key), "--known-hosts",
@@ -725,7 +733,7 @@ def test_command_line_run_on_a_target_without_sftp(sshd_without_sftp, tmp_path):
     assert "### kernel log of the target since the run started" in console
     assert "\x1b[" not in console
     assert SFTP_REFUSED in sshd_without_sftp.log.read_text()
-    assert leftover_workdirs() == before, "the temporary directory must be removed"
+    assert_removed(summary["target"]["workdir"])
 
 
 DROPBEAR = shutil.which("dropbear")
@@ -799,7 +807,6 @@ def dropbear(tmp_path_factory) -> DropbearServer:
 def test_dropbear_without_sftp_server_runs_the_suite_over_the_exec_channel(dropbear, tmp_path):
     known = tmp_path / "known_hosts"
     known.write_text(dropbear.known_hosts_line)
-    before = leftover_workdirs()
     lines: list = []
     out = tmp_path / "out"
     out.mkdir()
@@ -818,4 +825,4 @@ def test_dropbear_without_sftp_server_runs_the_suite_over_the_exec_channel(dropb
     assert len(tests) == 3 and splats == []
     assert "### kernel log of the target since the run started" in \
         (out / "console.log").read_text()
-    assert leftover_workdirs() == before, "the temporary directory must be removed"
+    assert_removed(outcome.facts["workdir"])
