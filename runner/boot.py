@@ -77,11 +77,13 @@ def vng_command(
 
 def guest_test_command(
     python: str, suite_dir: Path, output_dir: Path, markers: str | None,
-    keyword: str | None, extra_args: Sequence[str] = (),
+    keyword: str | None, extra_args: Sequence[str] = (), pycache_dir: Path | None = None,
 ) -> str:
     """The shell command the guest runs: pytest on the suite, exit code into its own file.
 
     extra_args are appended to pytest's argv as they are (quoted for the shell).
+    pycache_dir, a directory the guest can write (see run_guest's rw_dirs),
+    keeps the bytecode of everything the guest imports from one run to the next.
     """
     pytest = [python, "-m", "pytest", str(suite_dir), f"--junitxml={output_dir / JUNIT_FILE}",
               # The root filesystem is read-only in the guest: no cache dir.
@@ -94,9 +96,18 @@ def guest_test_command(
     if keyword:
         pytest += ["-k", keyword]
     pytest += list(extra_args)
+    # Start-up over 9p under TCG is slow: no scan of every installed
+    # distribution for pytest plugins (the suite needs none), and bytecode
+    # (pytest's rewritten test modules too) from a writable cache instead of
+    # recompiling what the read-only root cannot store.
+    env = "export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1; "
+    if pycache_dir is not None:
+        env += f"export PYTHONPYCACHEPREFIX={shlex.quote(str(pycache_dir))}; "
+    else:
+        env += "export PYTHONDONTWRITEBYTECODE=1; "
     return (
         # From the suite's directory, pytest reports short test paths.
-        f"cd {shlex.quote(str(suite_dir))}; export PYTHONDONTWRITEBYTECODE=1; "
+        f"cd {shlex.quote(str(suite_dir))}; {env}"
         f"uname -r > {shlex.quote(str(output_dir / GUEST_RELEASE_FILE))}; "
         f"{shlex.join(pytest)}; "
         f"echo $? > {shlex.quote(str(output_dir / PYTEST_EXIT_FILE))}"
@@ -336,9 +347,15 @@ def run_guest(
     kernel: Path, output_dir: Path, guest_command: str, plan: AccelPlan, console_log: Path,
     cpus: int = 2, memory: str = "2G", timeout: float = 1800.0, stall_timeout: float = 300.0,
     echo: Callable[[str], None] = print, verbose: bool = False, vng: str | None = None,
+    rw_dirs: Sequence[Path] = (),
 ) -> BootOutcome:
-    """Boot the kernel, run guest_command, and report how it ended (fallback to TCG included)."""
+    """Boot the kernel, run guest_command, and report how it ended (fallback to TCG included).
+
+    The guest may write output_dir and rw_dirs (created when missing); the rest is read-only.
+    """
     vng = vng or find_vng()
+    for directory in rw_dirs:
+        Path(directory).mkdir(parents=True, exist_ok=True)
     env = _child_env(vng)
     started = time.monotonic()
     deadline = started + timeout
@@ -347,7 +364,8 @@ def run_guest(
     kvm_failure, kvm_failed_at = None, None
     with open(console_log, "w", encoding="utf-8", errors="replace") as log:
         while True:
-            command = vng_command(vng, kernel, accel, cpus, memory, [output_dir], guest_command)
+            command = vng_command(vng, kernel, accel, cpus, memory, [output_dir, *rw_dirs],
+                                  guest_command)
             log.write(f"### accel={accel} ({reason})\n### $ {shlex.join(command)}\n")
             log.flush()
             attempt_started = time.monotonic()

@@ -71,6 +71,11 @@ class Cache:
         return self.root / "kvm-verdict.json"
 
     @property
+    def guest_pycache(self) -> Path:
+        """Bytecode the guest's Python writes (PYTHONPYCACHEPREFIX), kept across runs."""
+        return self.root / "guest-pycache"
+
+    @property
     def ccache(self) -> Path:
         """ccache directory shared by every build directory."""
         return self.root / "ccache"

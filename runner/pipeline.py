@@ -278,7 +278,7 @@ def boot_and_record(kernel: KernelToBoot, out: Path, command: str, plan: accel.A
     outcome = boot.run_guest(
         kernel.image, out, command, plan, out / artifacts.CONSOLE_LOG, cpus=options.cpus,
         memory=options.memory, timeout=options.timeout, stall_timeout=options.stall_timeout,
-        echo=log, verbose=options.verbose,
+        echo=log, verbose=options.verbose, rw_dirs=[cache.guest_pycache],
     )
     timings = summary["timings"]
     timings["guest"] = round(outcome.seconds, 2)
@@ -480,7 +480,8 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
             command = boot.guest_test_command(
                 sys.executable, Path(options.suite).resolve(), out, options.markers,
                 options.keyword,
-                extra_args=[f"--kernel-backports={','.join(backports)}"] if backports else ())
+                extra_args=[f"--kernel-backports={','.join(backports)}"] if backports else (),
+                pycache_dir=cache.guest_pycache)
             if options.debug_kernel:
                 command = debug_kernel.prepare_guest(command, sys.executable, out)
             outcome = boot_and_record(kernel, out, command, plan, options, cache, summary, log)

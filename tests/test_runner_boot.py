@@ -114,11 +114,28 @@ def test_vng_command_is_built_in_one_place():
 def test_guest_command_runs_pytest_and_reports_its_exit_code_in_a_file():
     command = boot.guest_test_command("/venv/bin/python3", Path("/repo/selftests"),
                                       Path("/runs/x y"), "not stress", "map and not btf")
-    assert command.startswith("cd /repo/selftests; export PYTHONDONTWRITEBYTECODE=1; ")
+    assert command.startswith("cd /repo/selftests; export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1; "
+                              "export PYTHONDONTWRITEBYTECODE=1; ")
     assert ("/venv/bin/python3 -m pytest /repo/selftests '--junitxml=/runs/x y/junit.xml' "
             "-p no:cacheprovider -v -rfEs --color=no -m 'not stress' -k 'map and not btf';"
             ) in command
     assert command.endswith("echo $? > '/runs/x y/pytest-exitcode'")
+
+
+def test_a_pycache_dir_keeps_the_guests_bytecode_instead_of_none(tmp_path):
+    command = boot.guest_test_command("py", Path("/s"), Path("/o"), None, None,
+                                      pycache_dir=Path("/c/guest pycache"))
+    assert "export PYTHONPYCACHEPREFIX='/c/guest pycache'; " in command
+    assert "PYTHONDONTWRITEBYTECODE" not in command
+
+
+def test_rw_dirs_are_created_and_writable_in_the_guest(standin, tmp_path):
+    pycache = tmp_path / "cache" / "guest-pycache"
+    outcome, _, out = run(standin, tmp_path, accel.AccelPlan("tcg", None, "t"),
+                          rw_dirs=[pycache])
+    assert pycache.is_dir()
+    assert outcome.command[outcome.command.index("--rwdir") + 1:][:3] == [
+        str(out), "--rwdir", str(pycache)]
 
 
 def test_extra_pytest_arguments_go_last_and_quoted():
