@@ -404,13 +404,17 @@ def test_prune_keeps_only_the_build_directories_the_run_used(tmp_path):
     for name in ("linux-source-6.1-aaaa", "linux-source-6.1-bbbb", "kernel-cccc"):
         (builds / name / "obj").mkdir(parents=True)
     (builds / "ci-source-revision").write_text("abc\n")
+    # Adopted directories are symlinks: a used one keeps its target, an unused one goes alone.
+    (builds / "kernel-adopted").symlink_to(builds / "kernel-cccc")
+    (builds / "stale-link").symlink_to(builds / "linux-source-6.1-aaaa")
     summary = tmp_path / "summary.json"
-    summary.write_text(json.dumps({"kernel": {"build_dir": str(builds / "kernel-cccc")}}))
+    summary.write_text(json.dumps({"kernel": {"build_dir": str(builds / "kernel-adopted")}}))
     proc = run_script("build-cache", "prune", str(builds), "--keep-from", str(summary),
                       str(tmp_path / "missing.json"))
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in builds.iterdir()) == ["ci-source-revision", "kernel-cccc"]
-    assert "removed 2 unused build dir(s)" in proc.stdout
+    assert sorted(p.name for p in builds.iterdir()) == \
+        ["ci-source-revision", "kernel-adopted", "kernel-cccc"]
+    assert "removed 3 unused build dir(s)" in proc.stdout
 
 
 # --- ci/debug-files ---------------------------------------------------------------------------------
