@@ -526,11 +526,14 @@ def test_run_job_passes_the_exit_code_and_says_whether_it_built(tmp_path, summar
     fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n{body}sys.exit({code})\n")
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     output = tmp_path / "github-output"
-    proc = run_script("run-job", "5.10", "--output", str(tmp_path / "out"),
+    proc = run_script("run-job", "5.10", "--output", str(tmp_path / "out"), "--",
+                      "--accel", "tcg", "-k", "not stress",
                       env={"RUN_SELFTESTS": str(fake), "GITHUB_OUTPUT": str(output)})
     assert proc.returncode == code, proc.stdout + proc.stderr
+    # The documented form: the options after -- reach run-selftests untouched.
     assert json.loads(record.read_text()) == ["--distro-kernel", "5.10", "--output",
-                                              str(tmp_path / "out")]
+                                              str(tmp_path / "out"), "--accel", "tcg",
+                                              "-k", "not stress"]
     assert output.read_text() == f"exit-code={code}\nbuilt={built}\n"
 
 
