@@ -35,6 +35,7 @@ SUBCOMMANDS = {
     "mutants": "runner.mutants",
     "bisect": "runner.bisect",
     "bench": "runner.bench",
+    "bench-loop": "runner.bench_loop",
     "matrix": "runner.matrix",
 }
 
@@ -57,6 +58,8 @@ subcommands:
                                    find the commit that broke the tests (git bisect run)
   run-selftests bench [--host] [--sweep] [--repeat N] [--burst K]
                                    sk storage vs hash map egress benchmark (the seed's)
+  run-selftests bench-loop --output DIR [--runs N] [--loops warm,edit,checkout,pytest]
+                                   time the edit-to-verdict loops on this machine, one table
   run-selftests matrix [--kernels distro:5.10,...,build:DIR,image:PATH]
                                    the suite on several kernels, one table
 
