@@ -24,9 +24,12 @@ from runner.errors import InfrastructureError
 
 SFTP = "sftp"
 EXEC = "exec"
+# Starts the data SEND writes: anything a login shell's start-up files print
+# to stdout comes before it and is skipped.
+DATA_MARKER = b"sk-storage-selftests-files\n"
 
 # Both scripts run on the target's python3 (3.9+), as the login user, with the
-# directory and file names as arguments: no shell ever sees a file name.
+# directory and file names as (quoted) arguments.
 RECEIVE = r"""
 import os, shutil, sys, tarfile
 root = sys.argv[1]
@@ -44,6 +47,7 @@ SEND = r"""
 import os, sys, tarfile
 root = sys.argv[1]
 try:
+    sys.stdout.buffer.write(MARKER)
     with tarfile.open(fileobj=sys.stdout.buffer, mode="w|") as archive:
         for name in sys.argv[2:]:
             path = os.path.join(root, name)
@@ -51,7 +55,7 @@ try:
                 archive.add(path, arcname=name, recursive=False)
 except OSError as error:
     sys.exit("%s: %s" % (error.filename or root, error.strerror or error))
-"""
+""".replace("MARKER", repr(DATA_MARKER))
 
 
 class TransferFailed(InfrastructureError):
@@ -112,12 +116,20 @@ class ExecTransfer:
     def get(self, names: Iterable[str], directory: str) -> dict[str, bytes]:
         """The named files of directory that exist on the target, by name."""
         names = list(names)
-        out = self._run(SEND, [directory, *names], b"", f"reading from {directory}")
+        what = f"reading from {directory}"
+        out = self._run(SEND, [directory, *names], b"", what)
+        start = out.find(DATA_MARKER)
+        if start < 0:
+            raise TransferFailed(f"{what} on the target failed ({self.python} sent no data)")
         found = {}
-        with tarfile.open(fileobj=io.BytesIO(out), mode="r|") as archive:
-            for member in archive:
-                if member.isfile() and member.name in names:
-                    found[member.name] = archive.extractfile(member).read()
+        try:
+            with tarfile.open(fileobj=io.BytesIO(out[start + len(DATA_MARKER):]),
+                              mode="r|") as archive:
+                for member in archive:
+                    if member.isfile() and member.name in names:
+                        found[member.name] = archive.extractfile(member).read()
+        except tarfile.TarError as exc:
+            raise TransferFailed(f"{what} on the target failed (damaged data: {exc})") from None
         return found
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 SUITE = REPO / "selftests"
 SLOW_SUITE = Path(__file__).parent / "fixtures" / "ssh" / "slow-suite"
 BUSY = "slow-suite: busy"  # what SLOW_SUITE's test prints once it runs
+SHELL_NOISE = "noisy-rc: hello from a start-up file"
 SSHD = Path("/usr/sbin/sshd")
 SMALL_SELECTION = "map_create and (canonical or e2big or clone)"
 
@@ -104,7 +105,8 @@ def fingerprint(public_key: Path) -> str:
     return out.split()[1]
 
 
-def start_sshd(directory: Path, sftp: bool = True, pam: bool = False) -> SshServer:
+def start_sshd(directory: Path, sftp: bool = True, pam: bool = False,
+               extra: tuple = ()) -> SshServer:
     """sshd on a free port of 127.0.0.1, with or without the sftp subsystem.
 
     Without PAM, sshd refuses accounts whose password is locked ("!"), as
@@ -122,7 +124,7 @@ def start_sshd(directory: Path, sftp: bool = True, pam: bool = False) -> SshServ
         f"AuthorizedKeysFile {authorized}", f"PidFile {directory / 'sshd.pid'}",
         f"UsePAM {'yes' if pam else 'no'}", "StrictModes no", "PermitRootLogin prohibit-password",
         "PasswordAuthentication no", "KbdInteractiveAuthentication no",
-        *(["Subsystem sftp internal-sftp"] if sftp else []), "LogLevel VERBOSE", "",
+        *(["Subsystem sftp internal-sftp"] if sftp else []), *extra, "LogLevel VERBOSE", "",
     ]))
     # sshd refuses to start without its privilege separation directory.
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
@@ -162,11 +164,16 @@ def sshd_without_sftp() -> SshServer:
     """A minimal sshd with no Subsystem line, as many embedded and hardened configs have.
 
     Its files live in a directory every user can read, so that an unprivileged
-    login (the no-sudo test) can have its authorized_keys read too.
+    login (the no-sudo test) can have its authorized_keys read too.  Every
+    command's shell first prints a line, as chatty start-up files do: data on
+    stdout must survive that.
     """
     directory = Path(tempfile.mkdtemp(prefix="sk-storage-sshd-", dir="/tmp"))
     directory.chmod(0o755)
-    server = start_sshd(directory, sftp=False, pam=True)
+    # The login shell prints, then runs the client's command, as a chatty
+    # ~/.bashrc would; sshd still refuses the subsystem before any of this.
+    chatty = f"ForceCommand echo '{SHELL_NOISE}'; eval \"$SSH_ORIGINAL_COMMAND\""
+    server = start_sshd(directory, sftp=False, pam=True, extra=(chatty,))
     yield server
     stop_sshd(server)
     shutil.rmtree(directory)
@@ -685,6 +692,9 @@ def test_files_make_the_round_trip_with_or_without_sftp(server_name, kind, reque
         transfer.put(files, str(directory))
         assert {p.name: p.read_bytes() for p in directory.iterdir()} == files
         assert transfer.get([*files, "missing"], str(directory)) == files
+        if kind == remote_transfer.EXEC:  # the server's shell really is chatty
+            _, stdout, _ = client.exec_command("true")
+            assert stdout.read().decode() == SHELL_NOISE + "\n"
         transfer.close()
     finally:
         client.close()
