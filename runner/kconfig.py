@@ -120,23 +120,71 @@ def describe_unmet(unmet: Sequence[tuple[Setting, str]]) -> ConfigError:
 # --- generating the config ---------------------------------------------------------------
 
 
-def _digest_files(digest, paths: Iterable[Path], root: Path) -> None:
-    for path in paths:
-        digest.update(str(path.relative_to(root)).encode() + b"\0")
-        digest.update(path.read_bytes())
-        digest.update(b"\0")
+def kconfig_files_read(work_dir: Path) -> list[str] | None:
+    """The Kconfig files (relative to the source) the last generation in work_dir read.
+
+    Kbuild lists them as deps_config in include/config/auto.conf.cmd; None
+    before the first generation.
+    """
+    try:
+        text = (work_dir / "include" / "config" / "auto.conf.cmd").read_text(errors="replace")
+    except OSError:
+        return None
+    lines = iter(text.splitlines())
+    for line in lines:
+        if line.startswith("deps_config :="):
+            break
+    else:
+        return None
+    files = []
+    for line in lines:
+        name = line.strip().rstrip("\\").strip()
+        if name:
+            files.append(name)
+        if not line.rstrip().endswith("\\"):
+            break
+    return files or None
 
 
-def config_inputs_digest(source: Path, fragments: Sequence[Fragment], tool_version: str) -> str:
-    """Hash of everything the generated .config depends on: Kconfig files, defconfig, fragments."""
-    digest = hashlib.sha256(tool_version.encode() + b"\0")
-    kconfigs = []
+def all_kconfig_files(source: Path) -> list[str]:
+    """Every Kconfig* file of the tree: what a generation may read when no list exists yet."""
+    found = []
     for dirpath, dirnames, filenames in os.walk(source):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "Documentation")
-        kconfigs.extend(Path(dirpath) / f for f in sorted(filenames) if f.startswith("Kconfig"))
-    _digest_files(digest, kconfigs, source)
-    extra = [source / "Makefile", source / "arch/x86/configs/x86_64_defconfig"]
-    _digest_files(digest, [p for p in extra if p.exists()], source)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(os.path.relpath(os.path.join(dirpath, f), source)
+                     for f in sorted(filenames) if f.startswith("Kconfig"))
+    return found
+
+
+def content_hashes(source: Path, names: Iterable[str]) -> dict[str, str]:
+    """sha256 of each file (relative to source); "missing" for one that is not there."""
+    hashes = {}
+    for name in names:
+        try:
+            hashes[name] = hashlib.sha256((source / name).read_bytes()).hexdigest()
+        except OSError:
+            hashes[name] = "missing"
+    return hashes
+
+
+def config_inputs_digest(
+    source: Path, fragments: Sequence[Fragment], tool_version: str,
+    kconfigs: Mapping[str, str] | None = None,
+) -> str:
+    """Hash of everything the generated .config depends on: Kconfig files, defconfig, fragments.
+
+    kconfigs (name -> content hash) defaults to every Kconfig file of the
+    tree; given Kbuild's own list of the files a generation read, checking
+    costs a few hundred reads instead of a walk of the whole tree.
+    """
+    if kconfigs is None:
+        kconfigs = content_hashes(source, all_kconfig_files(source))
+    digest = hashlib.sha256(tool_version.encode() + b"\0")
+    for name in sorted(kconfigs):
+        digest.update(f"{name}\0{kconfigs[name]}\n".encode("utf-8", "surrogateescape"))
+    extra = ["Makefile", "arch/x86/configs/x86_64_defconfig"]
+    for name, value in content_hashes(source, extra).items():
+        digest.update(f"{name}\0{value}\n".encode())
     for fragment in fragments:
         digest.update(str(fragment.path).encode() + b"\0" + fragment.path.read_bytes())
     return digest.hexdigest()
@@ -168,7 +216,10 @@ def configure(
     work_dir.mkdir(parents=True, exist_ok=True)
     final = obj_dir / ".config"
     stamp = work_dir / "inputs.sha256"
-    inputs = config_inputs_digest(source, fragments, _virtme_version())
+    version = _virtme_version()
+    listed = kconfig_files_read(work_dir)
+    read_before = content_hashes(source, listed if listed else all_kconfig_files(source))
+    inputs = config_inputs_digest(source, fragments, version, read_before)
     regenerated = rewritten = False
 
     if not (final.exists() and stamp.exists() and stamp.read_text() == _stamp_text(inputs, final)):
@@ -201,12 +252,32 @@ def configure(
             # make Kbuild re-run syncconfig and relink.
             shutil.copyfile(generated, final)
             rewritten = True
-        stamp.write_text(_stamp_text(inputs, final))
+        _write_stamp(stamp, source, fragments, version, work_dir, read_before, final)
 
     unmet = unmet_settings(requested_settings(fragments), parse_config(final.read_text()))
     if unmet:
         raise describe_unmet(unmet)
     return ConfigResult(final, regenerated, rewritten)
+
+
+def _write_stamp(stamp: Path, source: Path, fragments: Sequence[Fragment], version: str,
+                 work_dir: Path, read_before: Mapping[str, str], final: Path) -> None:
+    """Record the inputs of this generation, keyed by the Kconfig files it actually read.
+
+    Those files must be the ones hashed before it ran: a file edited while
+    virtme-configkernel ran, or one first sourced by it, leaves no stamp, so
+    the next run generates again rather than trusting a config of unknown inputs.
+    """
+    listed = kconfig_files_read(work_dir)
+    if not listed:
+        stamp.unlink(missing_ok=True)
+        return
+    now = content_hashes(source, listed)
+    if any(read_before.get(name) != value for name, value in now.items()):
+        stamp.unlink(missing_ok=True)
+        return
+    inputs = config_inputs_digest(source, fragments, version, now)
+    stamp.write_text(_stamp_text(inputs, final))
 
 
 def _stamp_text(inputs: str, final: Path) -> str:

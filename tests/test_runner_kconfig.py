@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,104 @@ def test_config_inputs_digest_follows_kconfig_files_and_fragments(tmp_path):
     (tree / "net" / "foo.c").write_text("int x;\n")  # not a config input
     assert kconfig.config_inputs_digest(tree, [frag], "1.42") == second
     assert kconfig.config_inputs_digest(tree, [frag], "1.43") != second
+
+
+# --- skipping the generation when nothing it read changed ---------------------------------
+
+AUTO_CONF_CMD = """\
+deps_config := \\
+\tnet/Kconfig \\
+\tKconfig
+
+include/config/auto.conf: $(deps_config)
+
+ifneq "$(CC_VERSION_TEXT)" "gcc (Debian 12.2.0-14+deb12u1) 12.2.0"
+include/config/auto.conf: FORCE
+endif
+
+$(deps_config): ;
+"""
+
+# Stands in for virtme-configkernel: writes the config and Kbuild's list of
+# Kconfig files read (from $DEPS), counts its runs, and can edit a file meanwhile.
+CONFIGKERNEL = """\
+import os, sys
+work = [a[2:] for a in sys.argv if a.startswith("O=")][0]
+open(os.path.join(work, "..", "runs"), "a").write("run\\n")
+os.makedirs(os.path.join(work, "include", "config"), exist_ok=True)
+deps = os.environ.get("DEPS", "net/Kconfig Kconfig").split()
+with open(os.path.join(work, "include", "config", "auto.conf.cmd"), "w") as f:
+    f.write("deps_config := \\\\\\n" + "".join(f"\\t{d} \\\\\\n" for d in deps[:-1])
+            + f"\\t{deps[-1]}\\n\\n$(deps_config): ;\\n")
+if os.environ.get("EDIT_DURING"):
+    with open(os.environ["EDIT_DURING"], "a") as f:
+        f.write("# edited while generating\\n")
+open(os.path.join(work, ".config"), "w").write("CONFIG_NET=y\\n")
+"""
+
+
+def test_kbuilds_list_of_kconfig_files_read_is_parsed(tmp_path):
+    (tmp_path / "include" / "config").mkdir(parents=True)
+    assert kconfig.kconfig_files_read(tmp_path) is None
+    (tmp_path / "include" / "config" / "auto.conf.cmd").write_text(AUTO_CONF_CMD)
+    assert kconfig.kconfig_files_read(tmp_path) == ["net/Kconfig", "Kconfig"]
+
+
+@pytest.fixture
+def config_tree(tmp_path, monkeypatch):
+    tree = tmp_path / "linux"
+    (tree / "net").mkdir(parents=True)
+    (tree / "drivers").mkdir()
+    (tree / "Kconfig").write_text("source \"net/Kconfig\"\n")
+    (tree / "net" / "Kconfig").write_text("config NET\n\tbool\n")
+    (tree / "drivers" / "Kconfig").write_text("# sourced by nobody\n")
+    (tree / "Makefile").write_text("VERSION = 6\n")
+    tool = tmp_path / "virtme-configkernel"
+    tool.write_text(f"#!{sys.executable}\n" + CONFIGKERNEL)
+    tool.chmod(0o755)
+    monkeypatch.setattr(kconfig, "find_tool", lambda name: str(tool))
+    build_root = tmp_path / "build"
+    frag = fragment(tmp_path, "CONFIG_NET=y\n")
+
+    def configure():
+        return kconfig.configure(tree, build_root / "obj", build_root / "config-gen", [frag],
+                                 build_root / "config.log")
+
+    def runs():
+        return len((build_root / "runs").read_text().split())
+
+    return tree, configure, runs
+
+
+def test_generation_reruns_only_when_a_kconfig_file_it_read_changes(config_tree):
+    tree, configure, runs = config_tree
+    assert configure().regenerated and runs() == 1
+    assert not configure().regenerated and runs() == 1
+    # Not among the files Kbuild read: cannot change the config.
+    (tree / "drivers" / "Kconfig").write_text("config UNUSED\n\tbool\n")
+    assert not configure().regenerated
+    (tree / "net" / "Kconfig").write_text("config NET\n\tbool \"Networking\"\n")
+    result = configure()
+    assert result.regenerated and not result.rewritten and runs() == 2
+    (tree / "Kconfig").unlink()
+    assert configure().regenerated and runs() == 3
+
+
+def test_an_edit_during_the_generation_is_not_trusted(config_tree, monkeypatch):
+    tree, configure, runs = config_tree
+    monkeypatch.setenv("EDIT_DURING", str(tree / "net" / "Kconfig"))
+    configure()
+    monkeypatch.delenv("EDIT_DURING")
+    assert configure().regenerated and runs() == 2
+    assert not configure().regenerated
+
+
+def test_a_kconfig_file_first_read_by_the_generation_is_not_trusted(config_tree, monkeypatch):
+    tree, configure, runs = config_tree
+    configure()
+    (tree / "net" / "Kconfig").write_text("config NET\n\tbool\nsource \"drivers/Kconfig\"\n")
+    monkeypatch.setenv("DEPS", "net/Kconfig Kconfig drivers/Kconfig")
+    assert configure().regenerated
+    # drivers/Kconfig was not hashed before that generation ran: generate once more.
+    assert configure().regenerated and runs() == 3
+    assert not configure().regenerated
