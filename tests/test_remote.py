@@ -173,7 +173,9 @@ def sshd_without_sftp() -> SshServer:
     # The login shell prints, then runs the client's command, as a chatty
     # ~/.bashrc would; sshd still refuses the subsystem before any of this.
     chatty = f"ForceCommand echo '{SHELL_NOISE}'; eval \"$SSH_ORIGINAL_COMMAND\""
-    server = start_sshd(directory, sftp=False, pam=True, extra=(chatty,))
+    # An environment asking for colour: pytest on the target must still write none.
+    colour = "SetEnv PY_COLORS=1 FORCE_COLOR=1"
+    server = start_sshd(directory, sftp=False, pam=True, extra=(chatty, colour))
     yield server
     stop_sshd(server)
     shutil.rmtree(directory)
@@ -741,7 +743,9 @@ def test_command_line_run_on_a_target_without_sftp(sshd_without_sftp, tmp_path):
     assert len(results.parse_junit(out / "junit.xml")) == 3
     console = (out / "console.log").read_text()
     assert "### kernel log of the target since the run started" in console
+    # The server's environment sets PY_COLORS=1; --color=no overrides it.
     assert "\x1b[" not in console
+    assert SHELL_NOISE in console and "PASSED" in console
     assert SFTP_REFUSED in sshd_without_sftp.log.read_text()
     assert_removed(summary["target"]["workdir"])
 
