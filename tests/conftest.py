@@ -9,3 +9,28 @@ import signal
 # reset to its default on exec, which gives each child Python its usual
 # KeyboardInterrupt.
 signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+# Test modules whose background work conftest started, to stop at the end.
+_BACKGROUND_MODULES: list = []
+
+
+def pytest_collection_finish(session):
+    """Start the selected real boots now, so they run while the quick tests do.
+
+    A test module that boots a kernel offers start_in_background() and
+    stop_background(); its test then only waits for that run and checks it.
+    A real boot is a minute of mostly waiting on QEMU, the rest of the suite
+    as long again of mostly sleeping: side by side instead of one after the other.
+    """
+    for item in session.items:
+        module = item.module
+        if hasattr(module, "start_in_background") and module not in _BACKGROUND_MODULES:
+            _BACKGROUND_MODULES.append(module)
+            module.start_in_background()
+
+
+def pytest_unconfigure(config):
+    """No background boot outlives the session (Ctrl-C, -x, a failure elsewhere)."""
+    while _BACKGROUND_MODULES:
+        _BACKGROUND_MODULES.pop().stop_background()
