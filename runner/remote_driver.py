@@ -133,11 +133,14 @@ def _kill_group(process: subprocess.Popen) -> None:
 def run_pytest(workdir: str, pytest_args: list, pythonpath: str | None,
                deadline: float) -> tuple:
     """pytest in its own process group; (exit status, why it was stopped or None)."""
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1")
+    # The suite needs pytest alone.  Plugins installed on the target (hypothesis,
+    # benchmark, ...) would only cost start-up time (seconds on a slow target),
+    # could change collection or leave files behind, and a pushed pytest must not
+    # pick up plugins built for another one.
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", PYTHONUNBUFFERED="1",
+               PYTEST_DISABLE_PLUGIN_AUTOLOAD="1")
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-        # The pushed pytest must not pick up plugins built for another one.
-        env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
     process = subprocess.Popen([sys.executable, "-m", "pytest", *pytest_args], cwd=workdir,
                                env=env, stdin=subprocess.DEVNULL, start_new_session=True)
     stopped = []
