@@ -719,6 +719,12 @@ def test_exec_transfer_failure_names_its_cause(sshd_without_sftp, tmp_path):
         transfer = remote_transfer.open_transfer(client, "python3", 60, lambda _: None)
         with pytest.raises(remote_transfer.TransferFailed) as caught:
             transfer.put({"bundle": b"x" * 100000}, missing)
+        # Names are file names in the directory, never paths out of it.
+        with pytest.raises(remote_transfer.TransferFailed) as escaped:
+            transfer.put({"../escape": b"x"}, str(tmp_path))
+        assert escaped.value.message == (f"writing into {tmp_path} on the target failed "
+                                         "(refusing '../escape')")
+        assert not (tmp_path.parent / "escape").exists()
         # The link survives a refused write: the next transfer works.
         assert transfer.get(["hostname"], "/etc") == {"hostname": Path("/etc/hostname")
                                                       .read_bytes()}
