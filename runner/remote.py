@@ -354,7 +354,8 @@ def run_on_target(options: RemoteOptions, suite: Path, out: Path, markers: str |
     """Push the suite, run it as root on the target, and leave a VM run's files in `out`.
 
     Raises ssh.SshError subclasses for network trouble (partial output stays in
-    console.log), TargetUnsuitable when the target cannot run the suite.
+    console.log), TargetUnsuitable when the target cannot run the suite,
+    remote_transfer.TransferFailed when it cannot write or read the files.
     """
     started = time.monotonic()
     deadline = started + timeout
