@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
-from runner import accel, artifacts, boot, pipeline, prebuilt, preflight, results, source
+from runner import accel, artifacts, boot, pipeline, prebuilt, preflight, record, results, source
 from runner.cache import open_cache
 from runner.errors import ExitCode, InfrastructureError, RunnerError, UsageError
 
@@ -112,24 +112,24 @@ def run_on_host(suite_dir: Path, out: Path, module_args: Sequence[str],
 
 
 def run_in_guest(options: pipeline.RunOptions, out: Path, module_args: Sequence[str],
-                 summary: dict, log: Callable[[str], None]) -> results.Verdict:
+                 summary: record.RunRecord, log: Callable[[str], None]) -> results.Verdict:
     """Obtain and boot the kernel like a normal run with the bench as the guest command."""
     cache = open_cache(options.cache_dir)
     user_source = source.open_user_source(options.kernel_src) if options.kernel_src else None
     image = (prebuilt.open_kernel_image(options.kernel_image, options.modules, cache)
              if options.kernel_image else None)
     preflight.check(pipeline.requirements(options, user_source, cache))
-    timings = summary["timings"]
+    timings = pipeline.run_timings(summary)
     kernel = pipeline.obtain_kernel(options, user_source, image, cache, out, timings, summary,
                                     log)
-    summary["kernel"].update(image=str(kernel.image), origin=kernel.origin,
-                             release=kernel.release, **kernel.details)
+    pipeline.kernel_facts(summary).update(image=str(kernel.image), origin=kernel.origin,
+                                          release=kernel.release, **kernel.details)
     plan = accel.plan_for_host(options.accel, cache.kvm_verdict)
     log(f"boot: {plan.reason}")
     command = guest_bench_command(sys.executable, Path(options.suite).resolve(), out,
                                   module_args)
     outcome = pipeline.boot_and_record(kernel, out, command, plan, options, cache, summary, log)
-    summary["kernel"]["release"] = pipeline.kernel_release(out, kernel.release)
+    pipeline.kernel_facts(summary)["release"] = pipeline.kernel_release(out, kernel.release)
     return judge_guest_run(out, outcome.status)
 
 
@@ -362,13 +362,13 @@ def main(args: argparse.Namespace, argv: Sequence[str] | None = None,
         (out / stale).unlink(missing_ok=True)
     log(f"output: {out}")
     started = time.monotonic()
-    summary: dict = {
-        "command": ["run-selftests", *argv],
-        "reproducer": f"cd {Path.cwd()} && " + artifacts.reproducer(argv, out),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "kernel": {}, "timings": {}, "bench_args": module_args,
-        "target_kind": None if args.host else results.TARGET_VM,
-    }
+    summary = record.RunRecord(
+        command=["run-selftests", *argv],
+        reproducer=f"cd {Path.cwd()} && " + artifacts.reproducer(argv, out),
+        started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        kernel={}, timings={}, bench_args=list(module_args),
+        target_kind=None if args.host else results.TARGET_VM,
+    )
     try:
         if args.host:
             code, error_line = run_on_host(Path(options.suite).resolve(), out, module_args, log)
@@ -376,28 +376,29 @@ def main(args: argparse.Namespace, argv: Sequence[str] | None = None,
             where = "none: the host's own kernel"
         else:
             verdict = run_in_guest(options, out, module_args, summary, log)
-            summary.update(verdict=verdict.label, reason=verdict.reason,
-                           exit_code=int(verdict.exit_code))
+            summary.verdict, summary.reason = verdict.label, verdict.reason
+            summary.exit_code = int(verdict.exit_code)
             if verdict.exit_code != ExitCode.PASS:
                 splats = results.find_console_splats(pipeline.read_console(out))
                 if splats:
                     log(results.format_splats(splats))
                 log(results.verdict_line(verdict))
                 return int(verdict.exit_code)
-            where = summary["accel"]["used"]
+            assert summary.accel is not None  # boot_and_record always records it
+            where = summary.accel.used
         result = json.loads((out / BENCH_JSON).read_text())
         if args.host and result.get("cpu", {}).get("hypervisor"):
             where += " (this machine is itself a VM)"
         result["accel"] = where
         (out / BENCH_JSON).write_text(json.dumps(result, indent=2) + "\n")
-        summary.update(verdict="pass", exit_code=int(ExitCode.PASS), accel_label=where,
-                       kernel_release=result["kernel"]["release"])
+        summary.verdict, summary.exit_code = results.VerdictLabel.PASS, int(ExitCode.PASS)
+        summary.accel_label, summary.kernel_release = where, result["kernel"]["release"]
         report(result, out, log)
         return int(ExitCode.PASS)
     except BaseException as error:  # noqa: BLE001 - recorded, then raised again
         raise pipeline.record_early_end(error, out, summary, log)
     finally:
-        summary["timings"]["total"] = round(time.monotonic() - started, 2)
-        summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        artifacts.write_summary(out, summary)
+        pipeline.run_timings(summary)["total"] = round(time.monotonic() - started, 2)
+        summary.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        record.write(out, summary)
         log(f"artifacts: {out}")

@@ -34,6 +34,7 @@ also on Ctrl-C, SIGTERM and errors.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -53,6 +54,7 @@ from runner import artifacts, cli, patches, pipeline, source
 from runner.cache import open_cache
 from runner.errors import ExitCode, Interrupted, RunnerError, UsageError
 from runner.interrupts import install_sigterm_handler
+from runner.record import RecordError, RunRecord, read_if_present
 
 GOOD, BAD, SKIP, ABORT = "good", "bad", "skip", "abort"
 # Not a step label: a run that says nothing about the commit and is repeated.
@@ -77,7 +79,7 @@ _RUN_OUTCOME = {
 
 VERDICT_FILE = "verdict.json"
 STEPS_DIR = "steps"
-RUN_LOG = "bisect-run.log"
+BISECT_RUN_LOG = "bisect-run.log"
 GIT_BISECT_LOG = "git-bisect.log"
 RESULT_FILE = "bisect.json"
 # Run options a bisect cannot use: it always builds the tree it bisects.
@@ -299,16 +301,20 @@ class StepResult:
         return GIT_EXIT[self.outcome]
 
 
-def _read_summary(out: Path) -> dict:
+def _read_summary(out: Path) -> RunRecord:
+    """The run's record; an empty one when it left none or one this version cannot read.
+
+    A step's outcome comes from its exit code: the record only adds detail.
+    """
     try:
-        return json.loads((out / artifacts.SUMMARY).read_text())
-    except (OSError, ValueError):
-        return {}
+        return read_if_present(out) or RunRecord()
+    except RecordError:
+        return RunRecord()
 
 
-def built_vmlinux(summary: dict) -> Path | None:
+def built_vmlinux(summary: RunRecord) -> Path | None:
     """The vmlinux of the build a run's summary.json names, if it built one."""
-    root = (summary.get("kernel") or {}).get("build_dir")
+    root = (summary.kernel or {}).get("build_dir")
     if not root:
         return None
     from runner import build
@@ -319,8 +325,8 @@ def built_vmlinux(summary: dict) -> Path | None:
 def run_record(number: int, out: Path, exit_code: int, reason: str) -> dict:
     """What one run found, from its exit code and the summary.json it left."""
     summary = _read_summary(out)
-    failing = [{"name": t.get("name"), "message": t.get("message", "")}
-               for t in summary.get("tests", []) if t.get("outcome") in ("failed", "error")]
+    failing = [{"name": t.name, "message": t.message}
+               for t in summary.tests or [] if t.outcome in ("failed", "error")]
     names = sorted({str(t["name"]) for t in failing})
     vmlinux = built_vmlinux(summary) if exit_code != ExitCode.BUILD_FAILURE else None
     return {
@@ -328,12 +334,12 @@ def run_record(number: int, out: Path, exit_code: int, reason: str) -> dict:
         "output": str(out),
         "exit_code": exit_code,
         "outcome": run_outcome(exit_code, names),
-        "verdict": summary.get("verdict"),
-        "reason": summary.get("reason") or reason,
+        "verdict": summary.verdict,
+        "reason": summary.reason or reason,
         "failing": failing,
         "signature": names,
-        "splats": summary.get("splats", []),
-        "timings": summary.get("timings", {}),
+        "splats": [dataclasses.asdict(s) for s in summary.splats or []],
+        "timings": summary.timings or {},
         "kernel_signature": kernel_signature(vmlinux) if vmlinux else None,
     }
 
@@ -658,7 +664,7 @@ def check_endpoints(tree: Path, good: str, bad: str, command: Sequence[str], out
         new = [s for s in load_steps(out) if s["dir"] not in before and s.get("commit") == sha]
         if not new:
             raise UsageError(f"the step left no verdict for --{role} {sha[:12]}; see "
-                             f"{out / RUN_LOG}")
+                             f"{out / BISECT_RUN_LOG}")
         refusal = _endpoint_refusal(role, sha, new[-1])
         if refusal:
             raise UsageError(refusal)
@@ -686,7 +692,7 @@ def drive(tree: Path, good: str, bad: str, step_command: Sequence[str], out: Pat
     first = _git(tree, "rev-parse", "HEAD").stdout.strip()
     try:
         log(f"bisect: {good[:12]} (good) .. {bad[:12]} (bad) in {tree}")
-        with open(out / RUN_LOG, "w", errors="replace") as run_log:
+        with open(out / BISECT_RUN_LOG, "w", errors="replace") as run_log:
             signature = check_endpoints(tree, good, bad, step_command, out, run_log, log, grace)
             if signature is None:
                 result.status = "interrupted"

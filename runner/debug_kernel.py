@@ -77,16 +77,16 @@ def format_leak(leak: kmemleak.Leak, max_frames: int = SHOWN_FRAMES) -> str:
     return "\n".join(lines)
 
 
-def judge(out: Path, verdict: results.Verdict, summary: dict,
-          log: Callable[[str], None] = print) -> results.Verdict:
-    """Fold the kmemleak outcome into the run's verdict; records it in summary['kmemleak']."""
+def judge(out: Path, verdict: results.Verdict,
+          log: Callable[[str], None] = print) -> tuple[results.Verdict, dict]:
+    """Fold the kmemleak outcome into the run's verdict: (verdict, the record's "kmemleak")."""
     status = read_status(out)
     report_path = out / kmemleak_guest.REPORT_FILE
     leaks = kmemleak.parse_report(report_path.read_text(errors="replace")) \
         if report_path.exists() else []
     ours, others = kmemleak.split_leaks(leaks)
     extra_splats = scan_window_splats(out)
-    summary["kmemleak"] = {
+    facts = {
         "status": status,
         "report": str(report_path) if report_path.exists() else None,
         "objects": len(leaks),
@@ -98,22 +98,22 @@ def judge(out: Path, verdict: results.Verdict, summary: dict,
     for line in describe(status, ours, others, extra_splats, report_path):
         log(line)
     if verdict.exit_code not in _REPLACEABLE:
-        return verdict
+        return verdict, facts
     if extra_splats:
-        return results.Verdict(ExitCode.SPLAT, "kernel splat",
+        return results.Verdict(ExitCode.SPLAT, results.VerdictLabel.KERNEL_SPLAT,
                                f"{extra_splats[0].kind} while kmemleak scanned "
-                               f"(see {kmemleak_guest.DMESG_FILE})")
+                               f"(see {kmemleak_guest.DMESG_FILE})"), facts
     if ours:
         first = ours[0]
         return results.Verdict(
-            ExitCode.SPLAT, "kmemleak",
+            ExitCode.SPLAT, results.VerdictLabel.KMEMLEAK,
             f"{len(ours)} leaked object(s) allocated through BPF local storage "
-            f"(first: {' <- '.join(first.functions[:4])})")
+            f"(first: {' <- '.join(first.functions[:4])})"), facts
     if not status.startswith("ok") and verdict.exit_code == ExitCode.PASS:
         why = "the guest never collected it" if status in ("cleared", "missing") else status
-        return results.Verdict(ExitCode.INFRASTRUCTURE, "kmemleak unavailable",
-                               f"no kmemleak report: {why}; leaks cannot be ruled out")
-    return verdict
+        return results.Verdict(ExitCode.INFRASTRUCTURE, results.VerdictLabel.KMEMLEAK_UNAVAILABLE,
+                               f"no kmemleak report: {why}; leaks cannot be ruled out"), facts
+    return verdict, facts
 
 
 def describe(status: str, ours: Sequence[kmemleak.Leak], others: Sequence[kmemleak.Leak],

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from runner import boot, ssh
 from runner.accel import AccelPlan, judge_kvm
+from runner.artifacts import CONSOLE_LOG
 from runner.cache import Cache
 from runner.errors import InfrastructureError, UsageError
 from runner.preflight import Requirement
@@ -36,7 +37,6 @@ from runner.preflight import Requirement
 GUEST_DIR = "kept-guest"
 RECORD = "guest.json"
 KNOWN_HOSTS = "known_hosts"
-CONSOLE_LOG = "console.log"
 GUEST_USER = "root"
 GUEST_HOST = "127.0.0.1"
 # Printed on the guest's console once it is set up for remote runs.

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from runner import artifacts, pipeline, preflight, results
+from runner import artifacts, boot, pipeline, preflight, record, results
 from runner.errors import ExitCode, UsageError
 
 DEFAULT_KERNELS = "distro:5.10,distro:6.1,distro:6.12,distro:7.2"
@@ -28,7 +28,6 @@ KINDS = ("distro", "build", "image")
 MATRIX_JSON = "matrix.json"
 MATRIX_MD = "matrix.md"
 SUMMARY_MD = "matrix-summary.md"
-RUN_LOG = "runner.log"
 MATRIX_SCHEMA = 1
 NOTE_CHARS = 300
 CELL = {"passed": "pass", "failed": "**FAIL**", "error": "**ERROR**", "skipped": "skip",
@@ -121,28 +120,27 @@ class KernelColumn:
 def column_from_dir(spec: KernelSpec, out: Path) -> KernelColumn:
     """Read summary.json (tests, verdict, release); junit.xml when the summary has no tests."""
     column = KernelColumn(spec, str(out))
-    summary: dict = {}
+    summary = None
     try:
-        summary = json.loads((out / artifacts.SUMMARY).read_text())
+        summary = record.read(out)
     except FileNotFoundError:
         column.reason = "no summary.json: the run never started"
-    except ValueError as exc:
-        column.reason = f"summary.json unreadable: {exc}"
-    kernel = summary.get("kernel", {})
-    column.release = kernel.get("release")
-    column.origin = kernel.get("origin")
-    column.verdict = summary.get("verdict", column.verdict)
-    column.reason = summary.get("reason", column.reason)
-    column.exit_code = summary.get("exit_code")
-    column.accel = summary.get("accel", {}).get("used")
-    column.guest_seconds = summary.get("timings", {}).get("guest")
-    if summary.get("tests"):
-        column.tests = [results.TestResult(t["name"], t["outcome"], t.get("message", ""),
-                                           float(t.get("seconds", 0.0)))
-                        for t in summary["tests"]]
+    except record.RecordError as exc:
+        column.reason = exc.message
+    if summary is not None:
+        kernel = summary.kernel or {}
+        column.release = kernel.get("release")
+        column.origin = kernel.get("origin")
+        column.verdict = summary.verdict or column.verdict
+        column.reason = summary.reason if summary.reason is not None else column.reason
+        column.exit_code = summary.exit_code
+        column.accel = summary.accel.used if summary.accel else None
+        column.guest_seconds = (summary.timings or {}).get("guest")
+    if summary is not None and summary.tests:
+        column.tests = list(summary.tests)
     else:
         try:
-            column.tests = results.parse_junit(out / "junit.xml")
+            column.tests = results.parse_junit(out / boot.JUNIT_FILE)
         except (FileNotFoundError, ValueError):
             column.tests = None
     if column.tests is not None:
@@ -254,7 +252,7 @@ def run_kernel(options: pipeline.RunOptions, spec: KernelSpec, out: Path,
                verbose_log: Callable[[str], None] | None) -> KernelColumn:
     """One normal pipeline run into `out`, its console/runner output kept in runner.log."""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / RUN_LOG, "w", encoding="utf-8") as log_file:
+    with open(out / pipeline.RUN_LOG, "w", encoding="utf-8") as log_file:
         def log(line: str) -> None:
             log_file.write(line + "\n")
             log_file.flush()
@@ -310,7 +308,7 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     try:
         for number, spec in enumerate(specs, 1):
             log(f"matrix: [{number}/{len(specs)}] {spec.label}: running the suite "
-                f"(log: {out / spec.slug / RUN_LOG})")
+                f"(log: {out / spec.slug / pipeline.RUN_LOG})")
             started = time.monotonic()
             column = run_kernel(options, spec, out / spec.slug, log if args.verbose else None)
             columns.append(column)

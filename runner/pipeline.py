@@ -31,6 +31,7 @@ from runner import (
     prebuilt,
     preflight,
     progress,
+    record,
     remote,
     results,
     source,
@@ -45,6 +46,8 @@ DEFAULT_FRAGMENTS = (REPO_ROOT / "kconfig" / "sk-storage.config",)
 DEFAULT_MARKERS = "not stress"
 # Where a run keeps the traceback of an exception that escaped the runner (a bug).
 RUNNER_TRACEBACK = "runner-traceback.txt"
+# The full log of one run of a command made of many (matrix, regressions): see run_recorded.
+RUN_LOG = "runner.log"
 
 
 @dataclass
@@ -164,7 +167,7 @@ def requirements(options: RunOptions, user_source: source.KernelSource | None,
 
 def build_from_source(
     options: RunOptions, user_source: source.KernelSource | None, cache: Cache, out: Path,
-    timings: dict, summary: dict, log: Callable[[str], None],
+    timings: dict, summary: record.RunRecord, log: Callable[[str], None],
 ) -> KernelToBoot:
     """Stages 1-4: source, series, config and build; the tree is restored before returning."""
     started = time.monotonic()
@@ -179,7 +182,7 @@ def build_from_source(
     fragments = [kconfig.load_fragment(p) for p in (
         *DEFAULT_FRAGMENTS, *debug_kernel.fragments(options.debug_kernel), *options.config)]
     build_dir = build.build_dir_for(cache, src.path, series, [f.path for f in fragments])
-    summary["kernel"].update(source=src.origin, source_path=str(src.path),
+    kernel_facts(summary).update(source=src.origin, source_path=str(src.path),
                              source_version=src.version, source_revision=src.revision,
                              build_dir=str(build_dir.root),
                              fragments=[str(f.path) for f in fragments])
@@ -193,7 +196,7 @@ def build_from_source(
         with patches.series_applied(src, series, journal, force=options.force,
                                     log=log) as applied:
             paths = {e.name: e.path for e in series.entries} if series else {}
-            summary["series"] = {
+            summary.series = {
                 "file": str(series.file) if series else None,
                 "entries": [{"name": e.name, "method": e.method, "files": e.files,
                              "commit": e.commit,
@@ -224,7 +227,7 @@ def build_from_source(
             patches.remember_built_mtimes(src.path, applied.touched,
                                           build_dir.patched_files_state)
             timings["build"] = round(built.seconds, 2)
-            summary["build"] = {"command": built.command, "steps": built.steps,
+            summary.build = {"command": built.command, "steps": built.steps,
                                 "targets": targets, "make_skipped": built.skipped}
     finally:
         if "config" in reached:
@@ -233,14 +236,15 @@ def build_from_source(
         if "build" in reached:
             artifacts.save_copy(build_dir.build_log, out, artifacts.BUILD_LOG)
         if series is not None:
-            artifacts.save_series(out, series.file, summary.get("series", {}).get("entries", []))
+            artifacts.save_series(out, series.file, (summary.series or {}).get("entries", []))
     return KernelToBoot(built.image, f"built from {src.origin}",
                         details={"build_dir": str(build_dir.root)})
 
 
 def obtain_kernel(options: RunOptions, user_source: source.KernelSource | None,
                   image: prebuilt.PrebuiltKernel | None, cache: Cache, out: Path,
-                  timings: dict, summary: dict, log: Callable[[str], None]) -> KernelToBoot:
+                  timings: dict, summary: record.RunRecord,
+                  log: Callable[[str], None]) -> KernelToBoot:
     """A prebuilt kernel when one was named, otherwise a build from source."""
     if image is not None:
         kernel = image
@@ -269,7 +273,7 @@ def known_bug_backports(series_summary: dict | None) -> list[str]:
 
 
 def boot_and_record(kernel: KernelToBoot, out: Path, command: str, plan: accel.AccelPlan,
-                    options: RunOptions, cache: Cache, summary: dict,
+                    options: RunOptions, cache: Cache, summary: record.RunRecord,
                     log: Callable[[str], None]) -> boot.BootOutcome:
     """Boot `kernel` with `command` as the guest's job; record accel, boot and timings in summary.
 
@@ -280,19 +284,19 @@ def boot_and_record(kernel: KernelToBoot, out: Path, command: str, plan: accel.A
         memory=options.memory, timeout=options.timeout, stall_timeout=options.stall_timeout,
         echo=log, verbose=options.verbose, rw_dirs=[cache.guest_pycache],
     )
-    timings = summary["timings"]
+    timings = run_timings(summary)
     timings["guest"] = round(outcome.seconds, 2)
     if outcome.banner_seconds is not None:
         timings["kernel_banner"] = round(outcome.banner_seconds, 2)
-    summary["accel"] = {"used": outcome.accel, "reason": outcome.accel_reason,
-                        "attempts": outcome.attempts}
+    summary.accel = record.AccelRecord(outcome.accel, outcome.accel_reason,
+                                       list(outcome.attempts))
     memo = accel.remember_boot(cache.kvm_verdict, outcome.accel, outcome.kvm_failure,
                                outcome.banner_seconds is not None, outcome.kvm_failed_at)
     if memo:
         log(f"boot: {memo}")
-        summary["accel"]["kvm_memo"] = memo
-    summary["boot"] = {"status": outcome.status, "detail": outcome.detail,
-                       "command": outcome.command, "exit_status": outcome.exit_status}
+        summary.accel.kvm_memo = memo
+    summary.boot = record.BootRecord(results.BootStatus(outcome.status), outcome.detail,
+                                     outcome.command, outcome.exit_status)
     log(f"boot: guest finished ({outcome.detail}) under {outcome.accel} in "
         f"{outcome.seconds:.0f} s")
     return outcome
@@ -319,7 +323,7 @@ def judge_output_dir(out: Path, boot_status: str, target: str = results.TARGET_V
     try:
         tests = results.parse_junit(out / boot.JUNIT_FILE)
     except FileNotFoundError:
-        problem = "no junit.xml"
+        problem = f"no {boot.JUNIT_FILE}"
     except ValueError as exc:
         problem = str(exc)
     pytest_exit = results.read_exit_code(out / boot.PYTEST_EXIT_FILE)
@@ -328,28 +332,42 @@ def judge_output_dir(out: Path, boot_status: str, target: str = results.TARGET_V
     return verdict, tests, splats, pytest_exit
 
 
-def target_kind(summary: dict) -> str:
+def target_kind(summary: record.RunRecord | None) -> str:
     """"ssh" or "vm" as a saved summary.json records it; older summaries: "target" means SSH."""
-    kind = summary.get("target_kind")
-    if kind in results.TARGETS:
-        return kind
-    return results.TARGET_SSH if summary.get("target") else results.TARGET_VM
+    if summary is None:
+        return results.TARGET_VM
+    if summary.target_kind in results.TARGETS:
+        return summary.target_kind
+    return results.TARGET_SSH if summary.target else results.TARGET_VM
 
 
-def record_verdict(summary: dict, verdict: results.Verdict, tests, splats,
+def kernel_facts(summary: record.RunRecord) -> dict:
+    """The record's kernel section, created empty on first use."""
+    if summary.kernel is None:
+        summary.kernel = {}
+    return summary.kernel
+
+
+def run_timings(summary: record.RunRecord) -> dict:
+    """The record's timings, created empty on first use."""
+    if summary.timings is None:
+        summary.timings = {}
+    return summary.timings
+
+
+def record_verdict(summary: record.RunRecord, verdict: results.Verdict, tests, splats,
                    pytest_exit: int | None) -> None:
-    """Counts per outcome, skip reasons, splats and the verdict into summary.json's dict."""
-    summary["pytest_exit"] = pytest_exit
-    summary["tests"] = [t.__dict__ for t in tests or []]
-    summary["counts"] = results.counts(tests or [])
-    summary["skip_reasons"] = results.skip_reasons(tests or [])
-    summary["splats"] = [{"kind": s.kind, "line": s.line, "excerpt": s.excerpt}
-                         for s in splats]
-    summary.update(verdict=verdict.label, reason=verdict.reason, tally=verdict.tally,
-                   exit_code=int(verdict.exit_code))
+    """Counts per outcome, skip reasons, splats and the verdict into the run record."""
+    summary.pytest_exit = pytest_exit
+    summary.tests = list(tests or [])
+    summary.counts = results.counts(tests or [])
+    summary.skip_reasons = results.skip_reasons(tests or [])
+    summary.splats = [record.SplatRecord(s.kind, s.line, s.excerpt) for s in splats]
+    summary.verdict, summary.reason = verdict.label, verdict.reason
+    summary.tally, summary.exit_code = verdict.tally, int(verdict.exit_code)
 
 
-def record_early_end(error: BaseException, out: Path, summary: dict,
+def record_early_end(error: BaseException, out: Path, summary: record.RunRecord,
                      log: Callable[[str], None]) -> BaseException:
     """Record in summary.json why a run ended before its verdict; returns what to raise.
 
@@ -359,22 +377,24 @@ def record_early_end(error: BaseException, out: Path, summary: dict,
     the run's log and RUNNER_TRACEBACK, and the exception is marked so the CLI
     does not print it twice.  Shared by every command that runs a guest.
     """
-    if isinstance(error, OSError) and machine_state_error(error) is not None:
-        known = machine_state_error(error)
+    known = machine_state_error(error) if isinstance(error, OSError) else None
+    if known is not None:
         known.__cause__ = error
         error = known
     if isinstance(error, RunnerError):
-        summary.update(verdict="error", reason=error.message, exit_code=int(error.exit_code))
+        summary.verdict, summary.reason = results.VerdictLabel.ERROR, error.message
+        summary.exit_code = int(error.exit_code)
     elif isinstance(error, (KeyboardInterrupt, Interrupted)):
-        summary.update(verdict="interrupted", reason="interrupted",
-                       exit_code=int(ExitCode.INTERRUPTED))
+        summary.verdict, summary.reason = results.VerdictLabel.INTERRUPTED, "interrupted"
+        summary.exit_code = int(ExitCode.INTERRUPTED)
     elif isinstance(error, Exception):
         text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
         (out / RUNNER_TRACEBACK).write_text(text)
         for line in text.rstrip("\n").splitlines():
             log(line)
-        summary.update(verdict="runner bug", reason=f"{type(error).__name__}: {error}",
-                       exit_code=int(ExitCode.RUNNER_BUG), traceback=RUNNER_TRACEBACK)
+        summary.verdict = results.VerdictLabel.RUNNER_BUG
+        summary.reason = f"{type(error).__name__}: {error}"
+        summary.exit_code, summary.traceback = int(ExitCode.RUNNER_BUG), RUNNER_TRACEBACK
         error.runner_traceback = str(out / RUNNER_TRACEBACK)  # type: ignore[attr-defined]
     return error
 
@@ -403,16 +423,16 @@ def kernel_release(out: Path, fallback: str | None) -> str | None:
     return fallback
 
 
-def run_on_target(options: RunOptions, cache: Cache, out: Path, timings: dict, summary: dict,
-                  log: Callable[[str], None]) -> tuple:
+def run_on_target(options: RunOptions, cache: Cache, out: Path, timings: dict,
+                  summary: record.RunRecord, log: Callable[[str], None]) -> tuple:
     """Stage 5 for --target: the target already runs its kernel; (status, release) as a boot."""
     outcome = remote.run_on_target(options.target, options.suite, out, options.markers,
                                    options.keyword, options.timeout, options.stall_timeout, log,
                                    cache)
     timings["target"] = round(outcome.seconds, 2)
-    summary["target"] = outcome.facts
-    summary["boot"] = {"status": outcome.status, "detail": outcome.detail,
-                       "exit_status": outcome.exit_status}
+    summary.target = outcome.facts
+    summary.boot = record.BootRecord(results.BootStatus(outcome.status), outcome.detail,
+                                     exit_status=outcome.exit_status)
     return outcome.status, outcome.facts.get("release")
 
 
@@ -441,26 +461,26 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
     log(f"output: {out}")
 
     timings: dict = {}
-    summary: dict = {
-        "command": ["run-selftests", *options.argv],
-        "reproducer": f"cd {Path.cwd()} && " + artifacts.reproducer(options.argv, out),
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "host": {"python": sys.executable, "python_version": platform.python_version(),
-                 "machine": platform.machine(), "host_kernel": platform.release()},
-        "kernel": {},
-        "timings": timings,
-        "selection": {"keyword": options.keyword, "markers": options.markers,
-                      "suite": str(options.suite)},
+    summary = record.RunRecord(
+        command=["run-selftests", *options.argv],
+        reproducer=f"cd {Path.cwd()} && " + artifacts.reproducer(options.argv, out),
+        started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        host={"python": sys.executable, "python_version": platform.python_version(),
+              "machine": platform.machine(), "host_kernel": platform.release()},
+        kernel={},
+        timings=timings,
+        selection={"keyword": options.keyword, "markers": options.markers,
+                   "suite": str(options.suite)},
         # Which skips are acceptable depends on it; `parse` re-judges with the same rule.
-        "target_kind": results.TARGET_SSH if options.target else results.TARGET_VM,
-    }
+        target_kind=results.TARGET_SSH if options.target else results.TARGET_VM,
+    )
     try:
         if options.target:
             status, declared_release = run_on_target(options, cache, out, timings, summary, log)
         else:
             kernel = obtain_kernel(options, user_source, image, cache, out, timings, summary, log)
-            summary["kernel"].update(image=str(kernel.image), origin=kernel.origin,
-                                     release=kernel.release, **kernel.details)
+            kernel_facts(summary).update(image=str(kernel.image), origin=kernel.origin,
+                                         release=kernel.release, **kernel.details)
 
             plan = accel.plan_for_host(options.accel, cache.kvm_verdict)
             log(f"boot: {plan.reason}")
@@ -470,13 +490,13 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
             if options.keep:
                 guest = keep.start(kernel.image, plan, cache, options.cpus, options.memory,
                                    options.timeout, log)
-                summary["kept_guest"] = dataclasses.asdict(guest)
+                summary.kept_guest = dataclasses.asdict(guest)
                 for line in keep.describe(guest):
                     log(line)
                 return 0
 
-            backports = known_bug_backports(summary.get("series"))
-            summary["kernel"]["backported_fixes"] = backports
+            backports = known_bug_backports(summary.series)
+            kernel_facts(summary)["backported_fixes"] = backports
             command = boot.guest_test_command(
                 sys.executable, Path(options.suite).resolve(), out, options.markers,
                 options.keyword,
@@ -488,10 +508,10 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
             status, declared_release = outcome.status, kernel.release
 
         verdict, tests, splats, pytest_exit = judge_output_dir(out, status,
-                                                               summary["target_kind"])
+                                                               target_kind(summary))
         if options.debug_kernel:
-            verdict = debug_kernel.judge(out, verdict, summary, log)
-        summary["kernel"]["release"] = kernel_release(out, declared_release)
+            verdict, summary.kmemleak = debug_kernel.judge(out, verdict, log)
+        kernel_facts(summary)["release"] = kernel_release(out, declared_release)
         record_verdict(summary, verdict, tests, splats, pytest_exit)
         report(verdict, tests, splats, log)
         return int(verdict.exit_code)
@@ -499,8 +519,8 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
         raise record_early_end(error, out, summary, log)
     finally:
         timings["total"] = round(time.monotonic() - run_started, 2)
-        summary["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        artifacts.write_summary(out, summary)
+        summary.finished_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        record.write(out, summary)
         log(progress.format_timings(timings))
         log(f"artifacts: {out}")
 
@@ -531,6 +551,6 @@ def run_recorded(options: RunOptions, log: Callable[[str], None]) -> tuple[int, 
             log(f"  {line}")
         if not (out / artifacts.SUMMARY).exists():
             out.mkdir(parents=True, exist_ok=True)
-            artifacts.write_summary(out, {"verdict": "error", "reason": message,
-                                          "exit_code": int(code)})
+            record.write(out, record.RunRecord(verdict=results.VerdictLabel.ERROR,
+                                               reason=message, exit_code=int(code)))
         return int(code), message

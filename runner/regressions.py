@@ -38,16 +38,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from runner import artifacts, pipeline, preflight, regression_verdict, results
+from runner import artifacts, pipeline, preflight, record, regression_verdict, results
 from runner.cache import Cache, open_cache
 from runner.errors import ExitCode, Interrupted, UsageError
 from runner.patches import load_series
+from runner.pipeline import RUN_LOG
+from runner.results import BootStatus, VerdictLabel
 
 MANIFEST = pipeline.REPO_ROOT / "kernel_patches" / "regressions" / "manifest.json"
 SLOT = "regression.patch"
 REGRESSIONS_MD = "regressions.md"
 REGRESSIONS_JSON = "regressions.json"
-RUN_LOG = "runner.log"
 SCHEMA = 1
 # Options that pick another kernel than "default source + series + one regression".
 _REFUSED = {"kernel_src": "--kernel-src", "base": "--base", "series": "--series",
@@ -231,35 +232,34 @@ def run_one(options: pipeline.RunOptions, out: Path, log: Callable[[str], None],
 def outcome_from_dir(regression: Regression, out: Path, seconds: float | None = None,
                      error: str | None = None) -> regression_verdict.Outcome:
     """The table row of one regression from its output directory (also for --from-dir)."""
-    summary: dict = {}
-    summary_file = out / artifacts.SUMMARY
-    if summary_file.exists():
-        with contextlib.suppress(ValueError):
-            summary = json.loads(summary_file.read_text())
-    boot_status = (summary.get("boot") or {}).get("status")
+    try:
+        summary = record.read_if_present(out)
+    except record.RecordError as exc:
+        summary, error = None, error or exc.message
+    if summary is None:
+        error = error or "no summary.json: the run did not start"
+        summary = record.RunRecord()
+    boot_status = summary.boot.status if summary.boot else None
     text = pipeline.read_console(out)
     # The pipeline's own reading of the files: JUnit (None when absent or broken), splats.
-    _, tests, splats, _ = pipeline.judge_output_dir(out, boot_status or "exited")
-    if error is None and summary.get("verdict") == "error":
-        error = summary.get("reason")
-    if error is None and not summary:
-        error = "no summary.json: the run did not start"
+    _, tests, splats, _ = pipeline.judge_output_dir(out, boot_status or BootStatus.EXITED)
+    if error is None and summary.verdict == VerdictLabel.ERROR:
+        error = summary.reason
     found = regression_verdict.evaluate(regression.expected_failing, tests, boot_status,
                                         splats, text, error)
-    if summary.get("exit_code") in regression_verdict.NO_KERNEL_VERDICT:
+    verdict, reason = summary.verdict or "", summary.reason or ""
+    if summary.exit_code in regression_verdict.NO_KERNEL_VERDICT:
         # The run could not judge the kernel (infrastructure, a runner bug, a build that
         # failed): neither caught nor missed, whatever the guest printed.
         found = dict(found, caught=regression_verdict.ERROR,
-                     note=error or f"{summary.get('verdict', 'error')}: "
-                                   f"{summary.get('reason', '')}")
-    found = regression_verdict.with_run_verdict(found, summary.get("exit_code"),
-                                                summary.get("verdict", ""),
-                                                summary.get("reason", ""), bool(splats))
-    timings = summary.get("timings") or {}
+                     note=error or f"{verdict or 'error'}: {reason}")
+    found = regression_verdict.with_run_verdict(found, summary.exit_code, verdict, reason,
+                                                bool(splats))
+    timings = summary.timings or {}
     return regression_verdict.Outcome(
         id=regression.id, bug=regression.bug, upstream_fix=regression.upstream_fix,
-        expected=list(regression.expected_failing), verdict=summary.get("verdict", ""),
-        reason=summary.get("reason", ""), exit_code=summary.get("exit_code"),
+        expected=list(regression.expected_failing), verdict=verdict,
+        reason=reason, exit_code=summary.exit_code,
         seconds=seconds if seconds is not None else timings.get("total"),
         build_seconds=timings.get("build"), guest_seconds=timings.get("guest"),
         runner_args=list(regression.runner_args), output_dir=str(out), **found,
@@ -282,15 +282,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--from-dir", type=Path, metavar="DIR",
                         help="rebuild the table from an earlier regressions output directory")
     cli.add_run_arguments(parser)
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register `regressions` on an argparse subparsers object."""
-    parser = subparsers.add_parser("regressions", help="check the suite catches each known bug",
-                                   description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return parser
 
 
 def write_tables(out: Path, outcomes: Sequence[regression_verdict.Outcome],
@@ -374,11 +365,6 @@ def _finish(out: Path, outcomes: Sequence[regression_verdict.Outcome], title: st
     log(regression_verdict.markdown(outcomes, title))
     log(f"regressions: {md_path} and {json_path}")
     return exit_code(outcomes)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point for a subparsers-based CLI (same as main)."""
-    return main(args)
 
 
 if __name__ == "__main__":

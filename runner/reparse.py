@@ -7,12 +7,11 @@ splat pattern was added, without booting anything.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from runner import debug_kernel, pipeline
-from runner.artifacts import SUMMARY
+from runner import debug_kernel, pipeline, record
 from runner.errors import UsageError
+from runner.results import BootStatus
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,20 +24,14 @@ def main(args: argparse.Namespace) -> int:
     out = args.output_dir
     if not out.is_dir():
         raise UsageError(f"{out} is not a directory; pass a run's output directory")
-    boot_status = "exited"
-    summary: dict = {}
-    summary_file = out / SUMMARY
-    if summary_file.exists():
-        try:
-            summary = json.loads(summary_file.read_text())
-            boot_status = summary.get("boot", {}).get("status", boot_status)
-        except ValueError:
-            pass
+    # Without a record (a run that died before writing it) the files alone are judged.
+    summary = record.read_if_present(out)
+    boot_status = summary.boot.status if summary and summary.boot else BootStatus.EXITED
     # An SSH run may keep environment skips, a guest run may not: the same rule as the run.
     verdict, tests, splats, _ = pipeline.judge_output_dir(out, boot_status,
                                                           pipeline.target_kind(summary))
-    if "kmemleak" in summary:
+    if summary is not None and summary.kmemleak is not None:
         # A --debug-kernel run: its kmemleak report is part of the verdict.
-        verdict = debug_kernel.judge(out, verdict, {}, print)
+        verdict, _ = debug_kernel.judge(out, verdict, print)
     pipeline.report(verdict, tests, splats, print)
     return int(verdict.exit_code)

@@ -8,6 +8,7 @@ here works on saved files, so a run can be re-judged offline
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -17,8 +18,47 @@ from xml.etree import ElementTree
 from runner.errors import ExitCode, InfrastructureError
 
 # pytest's own exit codes (pytest.ExitCode), as they arrive through the file.
-PYTEST_OK, PYTEST_TESTS_FAILED, PYTEST_INTERRUPTED = 0, 1, 2
-PYTEST_INTERNAL_ERROR, PYTEST_USAGE_ERROR, PYTEST_NO_TESTS = 3, 4, 5
+PYTEST_OK, PYTEST_TESTS_FAILED, PYTEST_USAGE_ERROR, PYTEST_NO_TESTS = 0, 1, 4, 5
+
+
+class _Label(str, enum.Enum):
+    """A status word: compares, formats and serialises as its plain string."""
+
+    # str's own, not Enum's, so f-strings and str() give "exited", not "BootStatus.EXITED".
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+class BootStatus(_Label):
+    """How the guest (or SSH target) run ended, as runner.boot and runner.remote report it."""
+
+    EXITED = "exited"
+    TIMEOUT = "timeout"
+    STALLED = "stalled"
+    PANIC = "panic"
+    WEDGED = "wedged"
+
+
+class VerdictLabel(_Label):
+    """The short label of a verdict, as the verdict line and summary.json show it."""
+
+    PASS = "pass"
+    TEST_FAILURE = "test failure"
+    UNEXPECTED_SKIP = "unexpected skip"
+    NOTHING_TESTED = "nothing tested"
+    KERNEL_SPLAT = "kernel splat"
+    KERNEL_CRASH = "kernel crash"
+    CRASH = "crash"
+    KMEMLEAK = "kmemleak"
+    KMEMLEAK_UNAVAILABLE = "kmemleak unavailable"
+    TIMEOUT = "timeout"
+    NO_TESTS = "no tests"
+    PYTEST_USAGE_ERROR = "pytest usage error"
+    INFRASTRUCTURE = "infrastructure"
+    # A run that ended before its verdict (runner.pipeline.record_early_end).
+    ERROR = "error"
+    INTERRUPTED = "interrupted"
+    RUNNER_BUG = "runner bug"
 
 
 # Where the suite ran decides which skips are acceptable (see judge()).
@@ -197,13 +237,13 @@ class Verdict:
     """The run's outcome: exit code, a short label, the reason, and the per-outcome tally."""
 
     exit_code: ExitCode
-    label: str
+    label: VerdictLabel
     reason: str
     tally: str = ""
 
 
 def judge(
-    boot_status: str, pytest_exit: int | None, tests: Sequence[TestResult] | None,
+    boot_status: BootStatus | str, pytest_exit: int | None, tests: Sequence[TestResult] | None,
     splats: Sequence[object], junit_problem: str | None = None, *,
     target: str = TARGET_VM, console: str = "",
 ) -> Verdict:
@@ -229,34 +269,34 @@ def judge(
 
         running = running_test(console.splitlines(), line) if isinstance(line, int) else None
         during = f" during {running}" if running else ""
-        return Verdict(ExitCode.SPLAT, "kernel splat",
+        return Verdict(ExitCode.SPLAT, VerdictLabel.KERNEL_SPLAT,
                        f"{kind} at console line {line}{more}{during}", tally)
-    if boot_status == "panic":
-        return Verdict(ExitCode.SPLAT, "kernel crash", "kernel panic", tally)
-    if boot_status == "timeout":
-        return Verdict(ExitCode.TIMEOUT, "timeout", "the guest did not finish within --timeout",
-                       tally)
-    if boot_status == "stalled":
-        return Verdict(ExitCode.TIMEOUT, "timeout", "the guest stalled (no console output)",
-                       tally)
+    if boot_status == BootStatus.PANIC:
+        return Verdict(ExitCode.SPLAT, VerdictLabel.KERNEL_CRASH, "kernel panic", tally)
+    if boot_status == BootStatus.TIMEOUT:
+        return Verdict(ExitCode.TIMEOUT, VerdictLabel.TIMEOUT,
+                       "the guest did not finish within --timeout", tally)
+    if boot_status == BootStatus.STALLED:
+        return Verdict(ExitCode.TIMEOUT, VerdictLabel.TIMEOUT,
+                       "the guest stalled (no console output)", tally)
     if not tests:
         failed_start = startup_failure(console)
         if failed_start:
             quoted = " | ".join(failed_start[:SHOWN_CONSOLE_LINES])
             more = (f" (+{len(failed_start) - SHOWN_CONSOLE_LINES} more lines)"
                     if len(failed_start) > SHOWN_CONSOLE_LINES else "")
-            return Verdict(ExitCode.INFRASTRUCTURE, "infrastructure",
+            return Verdict(ExitCode.INFRASTRUCTURE, VerdictLabel.INFRASTRUCTURE,
                            f"the guest could not start the tests, not a kernel problem: "
                            f"{quoted}{more}")
     if tests is None or pytest_exit is None:
         why = junit_problem or "no pytest exit code came back"
-        return Verdict(ExitCode.SPLAT, "crash",
+        return Verdict(ExitCode.SPLAT, VerdictLabel.CRASH,
                        f"the guest died before the suite finished ({why})", tally)
     if pytest_exit == PYTEST_NO_TESTS:
-        return Verdict(ExitCode.USAGE, "no tests",
+        return Verdict(ExitCode.USAGE, VerdictLabel.NO_TESTS,
                        "no test matched the selection; check -k/-m")
     if pytest_exit == PYTEST_USAGE_ERROR:
-        return Verdict(ExitCode.USAGE, "pytest usage error",
+        return Verdict(ExitCode.USAGE, VerdictLabel.PYTEST_USAGE_ERROR,
                        "pytest rejected its command line; check -k/-m")
     bad = [t for t in tests if t.outcome in ("failed", "error")]
     if bad:
@@ -265,13 +305,13 @@ def judge(
         fixed = sum(t.message.startswith(_XPASS_STRICT) for t in bad)
         retire = (f"; {fixed} known bug(s) no longer reproduce (XPASS): retire their "
                   "registry entries" if fixed else "")
-        return Verdict(ExitCode.TEST_FAILURE, "test failure",
+        return Verdict(ExitCode.TEST_FAILURE, VerdictLabel.TEST_FAILURE,
                        f"{len(bad)} test(s) failed: {names}{more}{retire}", tally)
     if pytest_exit != PYTEST_OK:
-        return Verdict(ExitCode.TEST_FAILURE, "test failure",
+        return Verdict(ExitCode.TEST_FAILURE, VerdictLabel.TEST_FAILURE,
                        f"pytest exited {pytest_exit} without a failing test case", tally)
     if not tests:
-        return Verdict(ExitCode.TEST_FAILURE, "test failure",
+        return Verdict(ExitCode.TEST_FAILURE, VerdictLabel.TEST_FAILURE,
                        "pytest reported success but junit.xml lists no tests")
     unexpected = unexpected_skips(tests, target)
     if unexpected:
@@ -280,14 +320,14 @@ def judge(
         shown = "; ".join(reasons[:SHOWN_REASONS])
         more = f" (+{len(reasons) - SHOWN_REASONS} more reasons)" \
             if len(reasons) > SHOWN_REASONS else ""
-        return Verdict(ExitCode.TEST_FAILURE, "unexpected skip",
+        return Verdict(ExitCode.TEST_FAILURE, VerdictLabel.UNEXPECTED_SKIP,
                        f"{len(unexpected)} test(s) skipped for a reason {where} must not "
                        f"have: {shown}{more}", tally)
     if not any(t.outcome == "passed" for t in tests):
-        return Verdict(ExitCode.TEST_FAILURE, "nothing tested",
+        return Verdict(ExitCode.TEST_FAILURE, VerdictLabel.NOTHING_TESTED,
                        f"none of the {len(tests)} test(s) passed (all skipped or known bugs); "
                        "a run that tested nothing is not a pass", tally)
-    return Verdict(ExitCode.PASS, "pass", f"{len(tests)} test(s), none failed", tally)
+    return Verdict(ExitCode.PASS, VerdictLabel.PASS, f"{len(tests)} test(s), none failed", tally)
 
 
 _LABELS = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP",

@@ -215,7 +215,7 @@ def test_names_the_first_failing_commit_and_why(tmp_path, standin):
     for step in result.steps:
         assert Path(step["dir"], "verdict.json").exists()
         assert Path(step["dir"], "run-1", "summary.json").exists()
-    assert "-k teardown" in (tmp_path / "out" / bisect.RUN_LOG).read_text()
+    assert "-k teardown" in (tmp_path / "out" / bisect.BISECT_RUN_LOG).read_text()
     saved = json.loads((tmp_path / "out" / bisect.RESULT_FILE).read_text())
     assert saved["first_bad"] == commits[5] and len(saved["steps"]) == len(result.steps)
 

@@ -21,6 +21,9 @@ from pathlib import Path
 import pytest
 from bpfkit.splats import find_splats
 
+from runner import record
+from runner.results import VerdictLabel
+
 ROOT = Path(__file__).resolve().parent.parent
 CI = ROOT / "ci"
 WORKFLOWS = ROOT / ".github" / "workflows"
@@ -46,8 +49,8 @@ def run_script(name: str, *args: str, env: dict | None = None) -> subprocess.Com
 
 
 @pytest.fixture
-def real_summary() -> dict:
-    return json.loads((RUN / "summary.json").read_text())
+def real_summary() -> record.RunRecord:
+    return record.read(RUN)
 
 
 def splat_run(tmp_path: Path, log: str) -> Path:
@@ -74,13 +77,13 @@ def test_check_accel_fails_a_tcg_fallback_when_kvm_was_expected(real_summary):
     assert not ok
     assert "ran under tcg" in message and "no kernel output under KVM within 15 s" in message
     assert accel.judge(real_summary, "any")[0]
-    real_summary["accel"]["used"] = "kvm"
+    real_summary.accel.used = "kvm"
     assert accel.judge(real_summary, "kvm")[0]
 
 
 def test_check_accel_passes_when_no_guest_booted():
     ok, message = load_script("check-accel").judge(
-        {"verdict": "error", "reason": "kernel build failed"}, "kvm")
+        record.RunRecord(verdict=VerdictLabel.ERROR, reason="kernel build failed"), "kvm")
     assert ok and "no guest was booted" in message and "kernel build failed" in message
 
 
@@ -95,6 +98,11 @@ def test_check_accel_command_line(tmp_path):
     assert missing.returncode == 2 and "did not get far enough" in missing.stdout
     (tmp_path / "bad.json").write_text("{")
     assert run_script("check-accel", str(tmp_path / "bad.json")).returncode == 2
+    # A record of a schema this runner does not know: one line, exit 2.
+    (tmp_path / "future.json").write_text('{"schema_version": 99}')
+    future = run_script("check-accel", str(tmp_path / "future.json"))
+    assert future.returncode == 2
+    assert future.stdout.count("\n") == 1 and "has schema 99" in future.stdout
 
 
 # --- ci/junit-summary ---------------------------------------------------------------------------
@@ -138,15 +146,18 @@ def test_junit_summary_reports_kernel_splats(tmp_path):
 def test_junit_summary_without_results_says_why(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "summary.json").write_text(json.dumps(
-        {"verdict": "crash", "reason": "the guest died before the suite finished",
-         "exit_code": 3}))
+    record.write(out, record.RunRecord(
+        verdict=VerdictLabel.CRASH, reason="the guest died before the suite finished",
+        exit_code=3))
     proc = run_script("junit-summary", str(out), "--title", "6.12")
     assert proc.returncode == 0
     assert "No test results: no junit.xml." in proc.stdout
     assert "::error title=6.12%3A no test results::the guest died before the suite finished" \
         in proc.stdout
     assert run_script("junit-summary", str(tmp_path / "absent")).returncode == 2
+    (out / "summary.json").write_text('{"schema": 0}')
+    bad = run_script("junit-summary", str(out))
+    assert bad.returncode == 2 and bad.stdout.startswith("::error title=Bad summary.json::")
 
 
 def test_annotations_are_capped():
@@ -154,7 +165,7 @@ def test_annotations_are_capped():
     from runner.results import TestResult
 
     tests = [TestResult(f"t::test_{i}", "failed", "boom", 0.1) for i in range(25)]
-    lines = junit.annotations("x", tests, None, {})
+    lines = junit.annotations("x", tests, None, None)
     assert len(lines) == junit.MAX_ANNOTATIONS
     assert lines[-1].endswith("16 more failures; see the job summary")
 

@@ -15,8 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from runner import bench, cli, matrix, pipeline, regression_verdict, regressions
+from runner import bench, cli, matrix, pipeline, record, regression_verdict, regressions
 from runner.errors import ExitCode
+from runner.results import BootStatus
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 CLEAN = (FIXTURES / "runner" / "console-tcg-boot-start.log").read_text()
@@ -73,8 +74,8 @@ def fake_guest(monkeypatch):
         if state["scenario"] == "runner bug":
             raise RuntimeError("the boot stage tripped over its own feet")
         status = write_guest(out, state["scenario"], " -m bench " in command)
-        summary["accel"] = {"used": "tcg", "reason": "test"}
-        summary["boot"] = {"status": status, "detail": status}
+        summary.accel = record.AccelRecord("tcg", "test")
+        summary.boot = record.BootRecord(BootStatus(status), status)
         return SimpleNamespace(status=status)
 
     monkeypatch.setattr(pipeline, "obtain_kernel", obtain_kernel)
@@ -182,7 +183,7 @@ def test_a_kmemleak_verdict_counts_as_caught(tmp_path):
     out.mkdir()
     write_guest(out, "pass", bench_run=False)
     (out / "summary.json").write_text(json.dumps({
-        "boot": {"status": "exited"}, "verdict": "kmemleak", "exit_code": 3,
+        "schema_version": 2, "boot": {"status": "exited"}, "verdict": "kmemleak", "exit_code": 3,
         "reason": "71 leaked object(s) allocated through BPF local storage"}))
     entry = regressions.Regression("the-bug", tmp_path / "p.patch", "bug", "fix",
                                    (EXPECTED_TEST,))

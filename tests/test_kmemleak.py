@@ -103,9 +103,9 @@ def guest_files(out: Path, status: str, report: str = "", dmesg: str | None = No
 
 
 def judge(out: Path, verdict: results.Verdict) -> tuple[results.Verdict, dict, list[str]]:
-    summary: dict = {}
     lines: list[str] = []
-    return debug_kernel.judge(out, verdict, summary, lines.append), summary, lines
+    verdict, facts = debug_kernel.judge(out, verdict, lines.append)
+    return verdict, {"kmemleak": facts}, lines
 
 
 def test_an_empty_report_keeps_the_verdict(tmp_path):
@@ -233,12 +233,12 @@ def test_parse_re_judges_a_debug_kernel_run_with_its_kmemleak_report(tmp_path, c
         "fixture skip reason", "[kernel config] fixture skip reason"))
     (tmp_path / "pytest-exitcode").write_text("0\n")
     (tmp_path / "console.log").write_text("")
-    (tmp_path / "summary.json").write_text('{"boot": {"status": "exited"}, "kmemleak": {}}')
+    (tmp_path / "summary.json").write_text('{"schema_version": 2, "boot": {"status": "exited"}, "kmemleak": {}}')
     guest_files(tmp_path, "error: kmemleak scan or read failed: busy")
     code = reparse.main(argparse.Namespace(output_dir=tmp_path))
     printed = capsys.readouterr().out
     assert "kmemleak: no report (error: kmemleak scan or read failed: busy)" in printed
     assert code == ExitCode.INFRASTRUCTURE
     # The same files without the kmemleak key (a normal run) are a pass.
-    (tmp_path / "summary.json").write_text('{"boot": {"status": "exited"}}')
+    (tmp_path / "summary.json").write_text('{"schema_version": 2, "boot": {"status": "exited"}}')
     assert reparse.main(argparse.Namespace(output_dir=tmp_path)) == ExitCode.PASS

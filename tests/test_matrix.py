@@ -76,7 +76,8 @@ def test_column_without_any_file_says_the_run_never_started(tmp_path):
 
 def test_column_falls_back_to_junit_when_the_summary_has_no_tests(tmp_path):
     shutil.copy(FIXTURES / "junit-distro-6.1.xml", tmp_path / "junit.xml")
-    (tmp_path / "summary.json").write_text(json.dumps({"verdict": "crash", "tests": []}))
+    (tmp_path / "summary.json").write_text(json.dumps({"schema_version": 2, "verdict": "crash",
+                                                                 "tests": []}))
     column = matrix.column_from_dir(matrix.KernelSpec("distro", "6.1"), tmp_path)
     assert column.verdict == "crash"
     assert column.counts["failed"] == 4 and column.counts["passed"] == 158

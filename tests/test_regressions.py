@@ -296,11 +296,10 @@ def test_options_that_pick_another_kernel_are_refused(tmp_path):
         regressions.main(args, log=lambda line: None)
 
 
-def test_the_subcommand_parses_through_the_cli():
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers()
-    regressions.add_parser(sub)
-    args = parser.parse_args(["regressions", "--only", "05", "--debug-kernel"])
+def test_the_subcommand_parses_its_own_and_the_run_options():
+    # cli.dispatch builds the subcommand's parser from add_arguments, as here.
+    assert cli.SUBCOMMANDS["regressions"] == "runner.regressions"
+    args = parse_regressions_args(["--only", "05", "--debug-kernel"])
     assert args.only == "05" and args.debug_kernel
     assert cli.options_from_args(args, []).debug_kernel
 
@@ -312,7 +311,8 @@ def saved_run(out: Path, *, junit: bool, console: str, boot: str = "exited",
               verdict: str = "test failure") -> None:
     out.mkdir(parents=True)
     (out / "console.log").write_text(console)
-    summary = {"boot": {"status": boot}, "verdict": verdict, "reason": "r", "exit_code": 1,
+    summary = {"schema_version": 2, "boot": {"status": boot}, "verdict": verdict, "reason": "r",
+               "exit_code": 1,
                "timings": {"build": 80.0, "guest": 200.0, "total": 300.0}}
     (out / "summary.json").write_text(json.dumps(summary))
     if junit:
@@ -343,7 +343,7 @@ def test_outcome_from_a_saved_crash_attributes_the_console(tmp_path):
 def test_outcome_of_a_run_that_stopped_before_booting_is_an_error(tmp_path):
     out = tmp_path / "r"
     out.mkdir()
-    (out / "summary.json").write_text(json.dumps({"verdict": "error", "exit_code": 5,
+    (out / "summary.json").write_text(json.dumps({"schema_version": 2, "verdict": "error", "exit_code": 5,
                                                   "reason": "kernel build failed"}))
     entry = regressions.Regression("r", tmp_path / "p.patch", "bug", "fix", ("t",))
     row = regressions.outcome_from_dir(entry, out)

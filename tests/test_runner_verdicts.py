@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import pipeline, results
+from runner import pipeline, record, results
 from runner.errors import ExitCode
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runner"
@@ -183,7 +183,7 @@ def saved_run(out: Path, tests: list[results.TestResult], summary: dict | None) 
     (out / "pytest-exitcode").write_text("0\n")
     (out / "console.log").write_text((FIXTURES / "console-tcg-boot-start.log").read_text())
     if summary is not None:
-        (out / "summary.json").write_text(json.dumps(summary))
+        (out / "summary.json").write_text(json.dumps(dict(summary, schema_version=2)))
     return out
 
 
@@ -211,13 +211,13 @@ def test_parse_rejudges_with_the_rule_of_the_runs_target(tmp_path, summary, expe
 def test_summary_records_counts_skip_reasons_and_tally(categorized):
     tests = by_name(categorized, *ALLOWED_IN_GUEST)
     verdict = results.judge("exited", 0, tests, [])
-    summary: dict = {}
+    summary = record.RunRecord()
     pipeline.record_verdict(summary, verdict, tests, [], 0)
-    assert summary["counts"]["xfailed"] == 1
-    assert summary["counts"]["skipped_by_category"] == {"older kernel": 1, "kernel config": 1}
-    assert [r["category"] for r in summary["skip_reasons"]] == ["kernel config", "older kernel"]
-    assert (summary["verdict"], summary["exit_code"]) == ("pass", 0)
-    assert summary["tally"] == verdict.tally
+    assert summary.counts["xfailed"] == 1
+    assert summary.counts["skipped_by_category"] == {"older kernel": 1, "kernel config": 1}
+    assert [r["category"] for r in summary.skip_reasons] == ["kernel config", "older kernel"]
+    assert (summary.verdict, summary.exit_code) == ("pass", 0)
+    assert summary.tally == verdict.tally
 
 
 # --- a guest that never started pytest is infrastructure, not a crash -------------------------
