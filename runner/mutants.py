@@ -9,9 +9,9 @@ tabled, never built.
 
 Each mutant becomes a patch on top of the series, made from the tree's
 pristine text (read under the tree lock, the series applied in a scratch
-copy), and runs through the regressions machinery: the same slot series and
-shared incremental build directory, a normal pipeline run into
-<output>/<id>/.  A mutant is killed when the run fails for any reason that
+copy), and runs through the regressions machinery: a slot series (in
+<cache>/mutants, so every mutant shares one incremental build directory of
+its own), a normal pipeline run into <output>/<id>/.  A mutant is killed when the run fails for any reason that
 is about the kernel (a failing test, a splat or crash with no test to
 charge, a timeout, a kmemleak report under --debug-kernel); survived when
 the run passes; build-error when it does not patch or build.  The table
@@ -475,6 +475,12 @@ def _title(args: argparse.Namespace) -> str:
     return what + (" (debug kernel)" if args.debug_kernel else "")
 
 
+def slot_dir(cache) -> Path:
+    """The mutants' own slot series: one build directory shared by every mutant, apart from
+    the regression sweep's, so a long sweep of either never waits for the other to end."""
+    return cache.root / "mutants"
+
+
 def _source_lock(cache, src_path: Path) -> Path:
     # The lock the pipeline holds while the tree is patched (runner.pipeline / patches).
     journal = cache.root / "restore" / hashlib.sha256(str(src_path).encode()).hexdigest()[:16]
@@ -540,7 +546,7 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     outcomes: list[Outcome] = []
     title = _title(args)
     try:
-        with regressions.sweep_lock(regressions.slot_dir(cache), log):
+        with regressions.sweep_lock(slot_dir(cache), log):
             built = 0
             for mutant in mutants:
                 if mutant.equivalent:
@@ -551,7 +557,7 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
                 target.mkdir(parents=True, exist_ok=True)
                 patch_file = target / PATCH_NAME
                 patch_file.write_text(patches[mutant.id])
-                series = regressions.prepare_slot_series(regressions.slot_dir(cache),
+                series = regressions.prepare_slot_series(slot_dir(cache),
                                                          pipeline.DEFAULT_SERIES, patch_file)
                 log(f"mutants: [{built}/{len(patches)}] {mutant.id}: {mutant.breaks}; "
                     f"log: {target / regressions.RUN_LOG}")
