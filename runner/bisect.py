@@ -50,11 +50,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from runner import artifacts, cli, patches, pipeline, source
+from runner import artifacts, atomic_file, cli, patches, pipeline, process_group, source
 from runner.cache import open_cache
 from runner.errors import ExitCode, Interrupted, RunnerError, UsageError
 from runner.interrupts import install_sigterm_handler
 from runner.record import RecordError, RunRecord, read_if_present
+from runner.source import git
 
 GOOD, BAD, SKIP, ABORT = "good", "bad", "skip", "abort"
 # Not a step label: a run that says nothing about the commit and is repeated.
@@ -159,7 +160,8 @@ def kernel_signature(vmlinux: Path) -> str | None:
 
 def bisect_in_progress(where: Path) -> bool:
     """True when the git tree around `where` is in the middle of a bisect."""
-    proc = _git(where, "rev-parse", "--path-format=absolute", "--git-path", "BISECT_START")
+    proc = git(where, "rev-parse", "--path-format=absolute", "--git-path", "BISECT_START",
+               check=False)
     return proc.returncode == 0 and Path(proc.stdout.strip()).exists()
 
 
@@ -227,18 +229,12 @@ def _reject_unusable(args: argparse.Namespace) -> None:
         raise UsageError("--retries must be 0 or more")
 
 
-def _git(tree: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess:
-    env = dict(os.environ, GIT_TERMINAL_PROMPT="0", LC_ALL="C")
-    return subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True,
-                          env=env, check=check)
-
-
 def find_tree(path: Path | None) -> Path:
     """The top of the git tree to bisect: --kernel-src, else the one around the cwd."""
     start = Path(path).expanduser() if path else Path.cwd()
     if not start.is_dir():
         raise UsageError(f"--kernel-src {start}: no such directory")
-    proc = _git(start, "rev-parse", "--show-toplevel")
+    proc = git(start, "rev-parse", "--show-toplevel", check=False)
     if proc.returncode != 0:
         where = f"--kernel-src {start}" if path else f"the current directory {start}"
         raise UsageError(f"{where} is not in a git tree; bisecting needs the kernel's git "
@@ -358,8 +354,8 @@ def run_step(tree: Path, options: pipeline.RunOptions, runs: int, step_dir: Path
              retries: int = DEFAULT_RETRIES, signature: Sequence[str] = ()) -> StepResult:
     """Test the checked-out commit by the rule in the module docstring."""
     started = time.monotonic()
-    commit = _git(tree, "rev-parse", "HEAD").stdout.strip()
-    subject = _git(tree, "log", "-1", "--format=%s", "HEAD").stdout.strip()
+    commit = git(tree, "rev-parse", "HEAD", check=False).stdout.strip()
+    subject = git(tree, "log", "-1", "--format=%s", "HEAD", check=False).stdout.strip()
     result = StepResult(commit, subject, GOOD, "")
     wanted = set(signature)
     judged, passed, retried, other = 0, 0, 0, []
@@ -427,10 +423,8 @@ def write_verdict(step_dir: Path, result: StepResult) -> Path:
     """verdict.json of one step, written atomically."""
     step_dir.mkdir(parents=True, exist_ok=True)
     record = dict(result.__dict__, git_exit=result.git_exit)
-    tmp = step_dir / (VERDICT_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, step_dir / VERDICT_FILE)
-    return step_dir / VERDICT_FILE
+    return atomic_file.write_text(step_dir / VERDICT_FILE,
+                                  json.dumps(record, indent=2, default=str) + "\n")
 
 
 def step_main(argv: Sequence[str], run_once: RunOnce = pipeline.run) -> int:
@@ -449,7 +443,7 @@ def step_main(argv: Sequence[str], run_once: RunOnce = pipeline.run) -> int:
         tree = find_tree(args.kernel_src)
         out = Path(args.output or Path.cwd() / "runs" / "bisect").expanduser().absolute()
         options = cli.options_from_args(args, list(argv))
-        commit = _git(tree, "rev-parse", "HEAD").stdout.strip()
+        commit = git(tree, "rev-parse", "HEAD", check=False).stdout.strip()
         step_dir = next_step_dir(out, commit)
     except SystemExit as exit_:  # argparse: a bad option is 2, --help 0 or 255; 2 stops git
         return GIT_EXIT[ABORT] if exit_.code else 0
@@ -478,21 +472,22 @@ def check_tree(tree: Path, good: str, bad: str) -> tuple[str, str]:
     if bisect_in_progress(tree):
         raise UsageError(f"a bisect is already in progress in {tree}; finish it with "
                          "'git bisect reset' first")
-    dirty = _git(tree, "status", "--porcelain", "--untracked-files=no").stdout.strip()
+    dirty = git(tree, "status", "--porcelain", "--untracked-files=no",
+                check=False).stdout.strip()
     if dirty:
         raise UsageError(f"{tree} has uncommitted changes ({dirty.splitlines()[0].strip()}"
                          f"{' ...' if len(dirty.splitlines()) > 1 else ''}); commit or stash "
                          "them, the bisect checks out other commits")
     resolved = []
     for option, rev in (("--good", good), ("--bad", bad)):
-        proc = _git(tree, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+        proc = git(tree, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False)
         if proc.returncode != 0:
             raise UsageError(f"{option} {rev}: no such commit in {tree}")
         resolved.append(proc.stdout.strip())
     good_sha, bad_sha = resolved
     if good_sha == bad_sha:
         raise UsageError("--good and --bad are the same commit; nothing to bisect")
-    if _git(tree, "merge-base", "--is-ancestor", good_sha, bad_sha).returncode != 0:
+    if git(tree, "merge-base", "--is-ancestor", good_sha, bad_sha, check=False).returncode != 0:
         raise UsageError(f"--good {good} is not an ancestor of --bad {bad}; pick a good "
                          "commit older than the bad one")
     return good_sha, bad_sha
@@ -555,33 +550,20 @@ _POLL_SECONDS = 0.05
 
 def _stop(process: subprocess.Popen, log: Callable[[str], None], grace: StopGrace) -> None:
     """Stop the child and its process group; each wait ends as soon as the group is gone."""
-    for sig, wait in ((signal.SIGINT, grace.interrupt), (signal.SIGTERM, grace.terminate),
-                      (signal.SIGKILL, grace.kill)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        try:
-            # The group may outlive the child (a step restoring the tree): wait for both.
-            while time.monotonic() < deadline:
-                process.poll()
-                if not _group_alive(process.pid):
-                    process.wait()
-                    return
-                time.sleep(_POLL_SECONDS)
-        except (KeyboardInterrupt, Interrupted):
-            log("bisect: still stopping the step; interrupt again to force it")
 
+    def gone() -> bool:
+        # The group may outlive the child (a step restoring the tree): wait for both, until
+        # even its zombies are reaped, so nothing of the step is left when bisect returns.
+        process.poll()
+        return not process_group.exists(process.pid)
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    if process_group.stop(process.pid, ((signal.SIGINT, grace.interrupt),
+                                        (signal.SIGTERM, grace.terminate),
+                                        (signal.SIGKILL, grace.kill)),
+                          gone, _POLL_SECONDS,
+                          lambda: log("bisect: still stopping the step; interrupt again to "
+                                      "force it")):
+        process.wait()
 
 
 def _run_logged(command: Sequence[str], cwd: Path, run_log, log: Callable[[str], None],
@@ -616,11 +598,12 @@ def restore_tree(tree: Path, journal_dir: Path | None, log: Callable[[str], None
         restored = journal.restore()
         journal.discard()
         log(f"bisect: removed the series a stopped step left in {len(restored)} file(s)")
-    proc = _git(tree, "bisect", "reset")
+    proc = git(tree, "bisect", "reset", check=False)
     if proc.returncode != 0:
         log(f"bisect: 'git bisect reset' failed in {tree}: {proc.stderr.strip()[-300:]}")
         return False
-    dirty = _git(tree, "status", "--porcelain", "--untracked-files=no").stdout.strip()
+    dirty = git(tree, "status", "--porcelain", "--untracked-files=no",
+                check=False).stdout.strip()
     if dirty:
         log(f"bisect: {tree} still has changes after the reset: {dirty.splitlines()[0]}")
         return False
@@ -652,7 +635,7 @@ def check_endpoints(tree: Path, good: str, bad: str, command: Sequence[str], out
     """
     verdicts = {}
     for role, sha in (("good", good), ("bad", bad)):
-        proc = _git(tree, "checkout", "-q", "--detach", sha)
+        proc = git(tree, "checkout", "-q", "--detach", sha, check=False)
         if proc.returncode != 0:
             raise UsageError(f"cannot check out --{role} {sha[:12]}: "
                              f"{proc.stderr.strip().splitlines()[-1:]}")
@@ -685,11 +668,11 @@ def drive(tree: Path, good: str, bad: str, step_command: Sequence[str], out: Pat
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     result = BisectResult("aborted")
-    proc = _git(tree, "bisect", "start", bad, good)
+    proc = git(tree, "bisect", "start", bad, good, check=False)
     if proc.returncode != 0:
         raise UsageError(f"git bisect start failed in {tree}: "
                          f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
-    first = _git(tree, "rev-parse", "HEAD").stdout.strip()
+    first = git(tree, "rev-parse", "HEAD", check=False).stdout.strip()
     try:
         log(f"bisect: {good[:12]} (good) .. {bad[:12]} (bad) in {tree}")
         with open(out / BISECT_RUN_LOG, "w", errors="replace") as run_log:
@@ -700,7 +683,7 @@ def drive(tree: Path, good: str, bad: str, step_command: Sequence[str], out: Pat
             result.signature = signature
             if signature:
                 log(f"bisect: looking for the first commit failing {', '.join(signature)}")
-            _git(tree, "checkout", "-q", "--detach", first, check=True)
+            git(tree, "checkout", "-q", "--detach", first, check=True)
             command = [*step_command, *(arg for test in signature
                                         for arg in ("--signature", test))]
             output, interrupted = _run_logged(["git", "bisect", "run", *command], tree,
@@ -708,9 +691,10 @@ def drive(tree: Path, good: str, bad: str, step_command: Sequence[str], out: Pat
         status, first_bad, candidates = parse_bisect_output(output)
         result.status = "interrupted" if interrupted else status
         result.first_bad, result.candidates = first_bad, candidates
-        (out / GIT_BISECT_LOG).write_text(_git(tree, "bisect", "log").stdout)
+        (out / GIT_BISECT_LOG).write_text(git(tree, "bisect", "log", check=False).stdout)
         if first_bad:
-            parent = _git(tree, "rev-parse", "--verify", "--quiet", f"{first_bad}^").stdout
+            parent = git(tree, "rev-parse", "--verify", "--quiet", f"{first_bad}^",
+                         check=False).stdout
             result.identical_to_parent = same_kernel(load_steps(out), first_bad, parent.strip())
     finally:
         result.reset_ok = restore_tree(tree, journal_dir, log)
@@ -750,7 +734,7 @@ def write_result(out: Path, tree: Path, good: str, bad: str, result: BisectResul
 
 
 def _subject(tree: Path, commit: str) -> str:
-    return _git(tree, "log", "-1", "--format=%s", commit).stdout.strip()
+    return git(tree, "log", "-1", "--format=%s", commit, check=False).stdout.strip()
 
 
 def format_steps(steps: Sequence[dict]) -> str:

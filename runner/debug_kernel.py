@@ -111,7 +111,8 @@ def judge(out: Path, verdict: results.Verdict,
             f"(first: {' <- '.join(first.functions[:4])})"), facts
     if not status.startswith("ok") and verdict.exit_code == ExitCode.PASS:
         why = "the guest never collected it" if status in ("cleared", "missing") else status
-        return results.Verdict(ExitCode.INFRASTRUCTURE, results.VerdictLabel.KMEMLEAK_UNAVAILABLE,
+        return results.Verdict(ExitCode.INFRASTRUCTURE,
+                               results.VerdictLabel.KMEMLEAK_UNAVAILABLE,
                                f"no kmemleak report: {why}; leaks cannot be ruled out"), facts
     return verdict, facts
 

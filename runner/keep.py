@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from runner import boot, ssh
+from runner import atomic_file, boot, process_group, ssh
 from runner.accel import AccelPlan, judge_kvm
 from runner.artifacts import CONSOLE_LOG
 from runner.cache import Cache
@@ -224,16 +224,9 @@ def _write_known_hosts(path: Path, port: int) -> bool:
 
 def _kill_group(pgid: int) -> None:
     """SIGTERM, then SIGKILL, virtme-ng's whole process group (vng, virtme-run, QEMU)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        while time.monotonic() < deadline:
-            if find_qemu(pgid) is None and not _running(pgid):
-                return
-            time.sleep(0.2)
+    process_group.stop(pgid, ((signal.SIGTERM, STOP_GRACE_SECONDS),
+                              (signal.SIGKILL, STOP_GRACE_SECONDS)),
+                       lambda: find_qemu(pgid) is None and not _running(pgid), poll=0.2)
 
 
 def _console_tail(console: Path, lines: int = 8) -> list[str]:
@@ -360,8 +353,7 @@ def start(kernel: Path, plan: AccelPlan, cache: Cache, cpus: int = 2, memory: st
                       console_log=str(console),
                       started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     record = directory / RECORD
-    record.with_suffix(".tmp").write_text(json.dumps(asdict(guest), indent=2) + "\n")
-    os.replace(record.with_suffix(".tmp"), record)
+    atomic_file.write_text(record, json.dumps(asdict(guest), indent=2) + "\n")
     return guest
 
 

@@ -22,6 +22,7 @@ from typing import Callable
 
 from runner import artifacts, boot, pipeline, preflight, record, results
 from runner.errors import ExitCode, UsageError
+from runner.markdown import cell
 
 DEFAULT_KERNELS = "distro:5.10,distro:6.1,distro:6.12,distro:7.2"
 KINDS = ("distro", "build", "image")
@@ -176,10 +177,6 @@ def _short(text: str) -> str:
     return text if len(text) <= NOTE_CHARS else text[: NOTE_CHARS - 3] + "..."
 
 
-def _escape(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
 def _all_passed(test: dict, kernels: list[dict]) -> bool:
     # A kernel without results is explained once in the kernel table, not on every row.
     return all(test["results"].get(k["label"], {}).get("outcome") == "passed"
@@ -197,7 +194,7 @@ def markdown(matrix: dict, only_non_passing: bool = False) -> str:
     for k in kernels:
         counts = k.get("counts") or {}
         failed = counts.get("failed", 0) + counts.get("error", 0) if counts else ""
-        verdict = k["verdict"] + (f": {_escape(_short(k['reason']))}"
+        verdict = k["verdict"] + (f": {cell(_short(k['reason']))}"
                                   if k["verdict"] != "pass" and k.get("reason") else "")
         seconds = f"{k['guest_seconds']:.0f}" if k.get("guest_seconds") is not None else ""
         lines.append(f"| {k['label']} | {k.get('release') or '?'} | {k.get('origin') or ''} | "
@@ -218,19 +215,19 @@ def markdown(matrix: dict, only_non_passing: bool = False) -> str:
             if result is None:
                 row.append("-" if kernel["has_results"] else "n/a")
                 continue
-            cell = CELL.get(result["outcome"], result["outcome"])
+            text = CELL.get(result["outcome"], result["outcome"])
             if result["outcome"] != "passed":
                 note = _short(result["message"]) or "(no message)"
                 number = notes.setdefault(note, len(notes) + 1)
-                cell += f" [{number}]"
-            row.append(cell)
-        lines.append(f"| {_escape(test['name'])} | " + " | ".join(row) + " |")
+                text += f" [{number}]"
+            row.append(text)
+        lines.append(f"| {cell(test['name'])} | " + " | ".join(row) + " |")
     if len(shown) < len(tests):
         lines.append(f"| *{len(tests) - len(shown)} more tests: pass on every kernel* |"
                      + " |" * len(labels))
     if notes:
         lines.append("")
-        lines.extend(f"[{number}] {_escape(note)}  " for note, number in notes.items())
+        lines.extend(f"[{number}] {cell(note)}  " for note, number in notes.items())
     if any(not k["has_results"] for k in kernels):
         lines.append("")
         lines.append("n/a: that kernel's run produced no test results (see its verdict).")

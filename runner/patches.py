@@ -18,7 +18,6 @@ built; a re-applied file with the same content gets that mtime back.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from runner import atomic_file, file_lock
 from runner.errors import PatchError, UsageError
 from runner.interrupts import signals_deferred
 from runner.source import KernelSource, git
@@ -249,9 +249,7 @@ class Journal:
                     parent = parent.parent
         record = {"tree": str(tree), "files": files,
                   "created_dirs": sorted(set(created_dirs), key=len, reverse=True)}
-        tmp = self.directory / "journal.json.tmp"
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, self.index_file)
+        atomic_file.write_text(self.index_file, json.dumps(record, indent=1))
 
     def restore(self) -> list[str]:
         """Put every journalled file back as it was; return the paths that had changed."""
@@ -466,20 +464,11 @@ def tree_lock(lock_file: Path, tree: Path, log: Callable[[str], None] = print) -
 
     Runs in parallel (a bisect, a regression sweep, a user) share the cached
     default tree; without this, one run would build another's patches or
-    "repair" a live run's journal.  flock dies with its process, so a killed
-    run never leaves the tree locked.
+    "repair" a live run's journal.
     """
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"patches: waiting for another run that is building {tree}")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock.exclusive(lock_file, f"patches: waiting for another run that is building "
+                                        f"{tree}", log):
         yield
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -579,9 +568,7 @@ def _load_record(state_file: Path) -> dict[str, dict]:
 
 
 def _save_record(state_file: Path, record: dict[str, dict]) -> None:
-    tmp = state_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
-    os.replace(tmp, state_file)
+    atomic_file.write_text(state_file, json.dumps(record, indent=1, sort_keys=True))
 
 
 def reuse_built_mtimes(tree: Path, rel_paths: Sequence[str], state_file: Path) -> list[str]:

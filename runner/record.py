@@ -15,11 +15,11 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runner import atomic_file
 from runner.artifacts import SUMMARY
 from runner.errors import UsageError
 from runner.results import BootStatus, TestResult, VerdictLabel
@@ -148,18 +148,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def write_atomically(path: Path, text: str) -> Path:
-    """Write text to path through a temporary file, so a reader never sees half of it."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 def write(out: Path, record: RunRecord) -> Path:
     """<out>/summary.json from record, atomically."""
     text = json.dumps(record.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
-    return write_atomically(Path(out) / SUMMARY, text)
+    return atomic_file.write_text(Path(out) / SUMMARY, text)
 
 
 def parse(data: object, where: str = SUMMARY) -> RunRecord:
@@ -181,7 +173,7 @@ def parse(data: object, where: str = SUMMARY) -> RunRecord:
 
 
 def read(out: Path) -> RunRecord:
-    """The record in <out>/summary.json; FileNotFoundError when absent, RecordError when unusable."""
+    """<out>/summary.json's record; FileNotFoundError when absent, RecordError when unusable."""
     return read_file(Path(out) / SUMMARY)
 
 

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from runner.errors import ExitCode
+from runner.markdown import cell
 
 CAUGHT = "yes"
 CAUGHT_CRASH = "yes (crash)"
@@ -279,10 +280,6 @@ def format_seconds(seconds: float | None) -> str:
     return f"{minutes}m{rest:02d}s"
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
 def _observed_cell(outcome: Outcome) -> str:
     if outcome.caught == ERROR:
         return f"run error: {outcome.note}"
@@ -321,8 +318,8 @@ def markdown(outcomes: Sequence[Outcome], title: str = "Regression corpus") -> s
         if o.caught == CAUGHT_CRASH and o.crash_in_expected is False:
             caught += ", not an expected test"
         runner = f" (`{' '.join(o.runner_args)}`)" if o.runner_args else ""
-        lines.append(f"| {_cell(o.id)}{runner} | {_cell(o.bug)} | {_cell(o.upstream_fix)} | "
-                     f"{expected} | {_cell(_observed_cell(o))} | **{caught}** | "
+        lines.append(f"| {cell(o.id)}{runner} | {cell(o.bug)} | {cell(o.upstream_fix)} | "
+                     f"{expected} | {cell(_observed_cell(o))} | **{caught}** | "
                      f"{_time_cell(o)} |")
     caught = sum(o.caught in CAUGHT_LABELS for o in outcomes)
     lines += ["", f"{caught} of {len(outcomes)} caught."]

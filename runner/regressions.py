@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import fcntl
 import json
 import os
 import time
@@ -38,7 +37,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from runner import artifacts, pipeline, preflight, record, regression_verdict, results
+from runner import (
+    artifacts,
+    atomic_file,
+    file_lock,
+    pipeline,
+    preflight,
+    record,
+    regression_verdict,
+    results,
+)
 from runner.cache import Cache, open_cache
 from runner.errors import ExitCode, Interrupted, UsageError
 from runner.patches import load_series
@@ -154,9 +162,7 @@ def prepare_slot_series(directory: Path, default_series: Path, patch: Path) -> P
             + f"{SLOT}\n")
     target = directory / "series"
     if not target.exists() or target.read_text() != text:
-        tmp = directory / "series.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, target)
+        atomic_file.write_text(target, text)
     return target
 
 
@@ -173,18 +179,10 @@ def _point(link: Path, target: Path) -> None:
 
 @contextlib.contextmanager
 def sweep_lock(directory: Path, log: Callable[[str], None]) -> Iterator[None]:
-    """One sweep at a time re-points the slot; flock dies with the process."""
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"regressions: waiting for another sweep that uses {directory}")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    """One sweep at a time re-points the slot."""
+    with file_lock.exclusive(directory / ".lock",
+                             f"regressions: waiting for another sweep that uses {directory}", log):
         yield
-    finally:
-        os.close(fd)
 
 
 # --- one regression --------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-from runner import debian_archive
+from runner import atomic_file, debian_archive
 from runner.cache import Cache
 from runner.errors import InfrastructureError, UsageError
 from runner.progress import StatusLine, format_elapsed
@@ -145,9 +145,7 @@ def read_stamp(cache: Cache) -> dict | None:
 
 
 def _write_stamp(cache: Cache, record: dict) -> None:
-    tmp = _stamp_path(cache).with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, _stamp_path(cache))
+    atomic_file.write_text(_stamp_path(cache), json.dumps(record, indent=2) + "\n")
 
 
 def upstream_version(debian_version: str) -> str:

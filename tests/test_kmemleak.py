@@ -233,7 +233,8 @@ def test_parse_re_judges_a_debug_kernel_run_with_its_kmemleak_report(tmp_path, c
         "fixture skip reason", "[kernel config] fixture skip reason"))
     (tmp_path / "pytest-exitcode").write_text("0\n")
     (tmp_path / "console.log").write_text("")
-    (tmp_path / "summary.json").write_text('{"schema_version": 2, "boot": {"status": "exited"}, "kmemleak": {}}')
+    (tmp_path / "summary.json").write_text(
+        '{"schema_version": 2, "boot": {"status": "exited"}, "kmemleak": {}}')
     guest_files(tmp_path, "error: kmemleak scan or read failed: busy")
     code = reparse.main(argparse.Namespace(output_dir=tmp_path))
     printed = capsys.readouterr().out
