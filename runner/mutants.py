@@ -11,7 +11,9 @@ Each mutant becomes a patch on top of the series, made from the tree's
 pristine text (read under the tree lock, the series applied in a scratch
 copy), and runs through the regressions machinery: a slot series (in
 <cache>/mutants, so every mutant shares one incremental build directory of
-its own), a normal pipeline run into <output>/<id>/.  A mutant is killed when the run fails for any reason that
+its own), a normal pipeline run into <output>/<id>/.  The unmutated kernel
+runs first (<output>/baseline/, same selection): tests failing there kill
+nothing.  A mutant is killed when the run fails for any reason that
 is about the kernel (a failing test, a splat or crash with no test to
 charge, a timeout, a kmemleak report under --debug-kernel); survived when
 the run passes; build-error when it does not patch or build.  The table
@@ -47,6 +49,7 @@ CATALOGUE = pipeline.REPO_ROOT / "kernel_patches" / "mutants" / "catalogue.json"
 MUTANTS_MD = "mutants.md"
 MUTANTS_JSON = "mutants.json"
 PATCH_NAME = "mutant.patch"
+BASELINE = "baseline"
 SCHEMA = 1
 
 KILLED = "killed"
@@ -348,16 +351,29 @@ class Outcome:
         return dataclasses.asdict(self)
 
 
-def classify(summary: dict | None, error: str | None = None) -> tuple[str, str]:
-    """(status, detail) of one mutant's run from its summary.json (None: it never started)."""
+def failed_tests(summary: dict | None) -> list[str]:
+    """Names of the tests a run's summary.json records as failed or errored."""
+    return [t.get("name", "?") for t in (summary or {}).get("tests") or []
+            if t.get("outcome") in ("failed", "error")]
+
+
+def classify(summary: dict | None, error: str | None = None,
+             baseline_failures: Iterable[str] = ()) -> tuple[str, str]:
+    """(status, detail) of one mutant's run from its summary.json (None: it never started).
+
+    Tests that already fail on the unmutated kernel (baseline_failures) kill nothing.
+    """
     if not summary:
         return ERROR, error or "no summary.json: the run did not start"
     code = summary.get("exit_code")
     reason = summary.get("reason", "") or error or ""
-    failed = [t.get("name", "?") for t in summary.get("tests") or []
-              if t.get("outcome") in ("failed", "error")]
+    known = set(baseline_failures)
+    failed = [name for name in failed_tests(summary) if name not in known]
     if code == int(ExitCode.PASS):
         return SURVIVED, reason or "every test passed"
+    if code == int(ExitCode.TEST_FAILURE) and not failed:
+        return SURVIVED, "only the unmutated kernel's own failures: " + ", ".join(
+            sorted(set(failed_tests(summary)))[:SHOWN_FAILURES])
     if code in _KILLING_EXITS:
         if failed:
             shown = ", ".join(failed[:SHOWN_FAILURES])
@@ -404,13 +420,19 @@ def markdown(outcomes: Sequence[Outcome], title: str) -> str:
     return "\n".join(rows) + "\n"
 
 
-def write_tables(out: Path, outcomes: Sequence[Outcome], title: str) -> tuple[Path, Path]:
+def write_tables(out: Path, outcomes: Sequence[Outcome], title: str,
+                 known: Sequence[str] = ()) -> tuple[Path, Path]:
     """mutants.md and mutants.json in the output directory."""
     md_path, json_path = out / MUTANTS_MD, out / MUTANTS_JSON
-    md_path.write_text(markdown(outcomes, title))
+    text = markdown(outcomes, title)
+    if known:
+        text += ("Failing on the unmutated kernel too (kill nothing): "
+                 + ", ".join(f"`{name}`" for name in known) + ".\n")
+    md_path.write_text(text)
     killed, counted = score(outcomes)
     json_path.write_text(json.dumps({"schema": SCHEMA, "title": title, "killed": killed,
                                      "scored": counted, "total": len(outcomes),
+                                     "baseline_failures": list(known),
                                      "mutants": [o.as_dict() for o in outcomes]},
                                     indent=2) + "\n")
     return md_path, json_path
@@ -426,17 +448,31 @@ def exit_code(outcomes: Sequence[Outcome]) -> int:
     return int(ExitCode.PASS)
 
 
+def read_summary(out: Path) -> dict | None:
+    """A run directory's summary.json, None when absent or unreadable."""
+    try:
+        return json.loads((out / artifacts.SUMMARY).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def baseline_failures(out: Path) -> tuple[list[str], str | None]:
+    """(tests failing on the unmutated kernel, why the baseline is unusable or None)."""
+    summary = read_summary(out)
+    if summary is None:
+        return [], f"the unmutated run in {out} left no summary.json"
+    code = summary.get("exit_code")
+    if code in (int(ExitCode.PASS), int(ExitCode.TEST_FAILURE)):
+        return failed_tests(summary), None
+    return [], (f"the unmutated kernel itself ends in {summary.get('verdict')} (exit {code}: "
+                f"{summary.get('reason', '')}); no mutant could be judged against it")
+
+
 def outcome_from_dir(mutant: Mutant, out: Path, seconds: float | None = None,
-                     error: str | None = None) -> Outcome:
+                     error: str | None = None, known_failures: Iterable[str] = ()) -> Outcome:
     """The row of one built mutant from its output directory (also for --from-dir)."""
-    summary = None
-    with_summary = out / artifacts.SUMMARY
-    if with_summary.exists():
-        try:
-            summary = json.loads(with_summary.read_text())
-        except ValueError:
-            summary = None
-    status, detail = classify(summary, error)
+    summary = read_summary(out)
+    status, detail = classify(summary, error, known_failures)
     if seconds is None and summary:
         seconds = (summary.get("timings") or {}).get("total")
     return Outcome(id=mutant.id, file=mutant.file, breaks=mutant.breaks, status=status,
@@ -526,9 +562,13 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     """Build, boot and judge every selected mutant (or re-read them), then print the table."""
     if args.from_dir is not None:
         mutants = select(load_catalogue(args.catalogue), args.only)
-        outcomes = [equivalent_outcome(m) if m.equivalent else outcome_from_dir(m, args.from_dir / m.id)
+        known, problem = baseline_failures(args.from_dir / BASELINE)
+        if problem and (args.from_dir / BASELINE).is_dir():
+            raise UsageError(problem)
+        outcomes = [equivalent_outcome(m) if m.equivalent
+                    else outcome_from_dir(m, args.from_dir / m.id, known_failures=known)
                     for m in mutants if m.equivalent or (args.from_dir / m.id).is_dir()]
-        return _finish(args.from_dir, outcomes, _title(args), log)
+        return _finish(args.from_dir, outcomes, _title(args), log, known)
     given = [flag for dest, flag in regressions._REFUSED.items() if getattr(args, dest, None)]
     if given:
         raise UsageError(f"{', '.join(given)} pick another kernel; mutants always build the "
@@ -545,6 +585,7 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     log(f"mutants: {len(patches)} to build, {len(mutants) - len(patches)} equivalent, into {out}")
     outcomes: list[Outcome] = []
     title = _title(args)
+    known = baseline(args, out, log)
     try:
         with regressions.sweep_lock(slot_dir(cache), log):
             built = 0
@@ -568,22 +609,47 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
                 started = time.monotonic()
                 seconds, error = regressions.run_one(options, target, log, args.verbose)
                 outcome = outcome_from_dir(mutant, target, seconds or time.monotonic() - started,
-                                           error)
+                                           error, known)
                 outcomes.append(outcome)
                 log(f"mutants: [{built}/{len(patches)}] {mutant.id}: {outcome.status.upper()} "
                     f"({format_seconds(outcome.seconds)}) {outcome.detail}")
                 # The table so far, so a long sweep can be read while it runs.
-                write_tables(out, outcomes, title + " (in progress)")
+                write_tables(out, outcomes, title + " (in progress)", known)
     except (KeyboardInterrupt, Interrupted):
         if outcomes:
-            write_tables(out, outcomes, title + " (interrupted)")
+            write_tables(out, outcomes, title + " (interrupted)", known)
         raise
-    return _finish(out, outcomes, title, log)
+    return _finish(out, outcomes, title, log, known)
+
+
+def baseline(args: argparse.Namespace, out: Path, log: Callable[[str], None]) -> list[str]:
+    """Run the unmutated default kernel (same selection) into <out>/baseline; its failures.
+
+    A test that fails without any mutant says nothing about a mutant (a known bug, an
+    expectation out of date), so it cannot kill one; a baseline that crashed or did not
+    build makes the whole sweep meaningless and stops it.
+    """
+    target = out / BASELINE
+    log(f"mutants: the unmutated kernel first; log: {target / regressions.RUN_LOG}")
+    from runner import cli
+
+    reproducer = (["-k", args.keyword] if args.keyword else []) + (
+        ["-m", args.markers] if args.markers else [])
+    options = cli.options_from_args(args, reproducer)
+    options = dataclasses.replace(options, series=None, output=target, shell=False)
+    seconds, error = regressions.run_one(options, target, log, args.verbose)
+    known, problem = baseline_failures(target)
+    if problem:
+        raise UsageError(problem + (f" ({error})" if error else ""))
+    log(f"mutants: unmutated kernel: {len(known)} failing test(s) that kill no mutant"
+        + (f": {', '.join(known[:SHOWN_FAILURES])}" if known else "")
+        + f" ({format_seconds(seconds)})")
+    return known
 
 
 def _finish(out: Path, outcomes: Sequence[Outcome], title: str,
-            log: Callable[[str], None]) -> int:
-    md_path, json_path = write_tables(out, outcomes, title)
+            log: Callable[[str], None], known: Sequence[str] = ()) -> int:
+    md_path, json_path = write_tables(out, outcomes, title, known)
     log("")
     log(markdown(outcomes, title))
     log(f"mutants: {md_path} and {json_path}")

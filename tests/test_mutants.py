@@ -210,6 +210,30 @@ def test_classify(data, status, detail):
     assert got_detail.startswith(detail)
 
 
+def test_failures_of_the_unmutated_kernel_kill_nothing():
+    """A test failing without any mutant (a stale known-bug entry, say) is no kill."""
+    data = summary(1, [("known_bug", "failed"), ("t2", "passed")])
+    status, detail = mutants.classify(data, baseline_failures=["known_bug"])
+    assert (status, detail) == (SURVIVED, "only the unmutated kernel's own failures: known_bug")
+    data = summary(1, [("known_bug", "failed"), ("new_one", "failed")])
+    assert mutants.classify(data, baseline_failures=["known_bug"]) == (KILLED, "1 failed: new_one")
+    # A splat still kills, whatever the baseline's failures.
+    data = summary(3, [("known_bug", "failed")], "WARNING in map_free", "splat")
+    assert mutants.classify(data, baseline_failures=["known_bug"])[0] == KILLED
+
+
+@pytest.mark.parametrize("data, usable", [
+    (summary(0), True), (summary(1, [("k", "failed")]), True),
+    (summary(3, (), "oops", "splat"), False), (summary(5, (), "make"), False), (None, False)])
+def test_baseline_must_have_built_and_run_cleanly(tmp_path, data, usable):
+    if data is not None:
+        (tmp_path / "summary.json").write_text(json.dumps(data))
+    known, problem = mutants.baseline_failures(tmp_path)
+    assert (problem is None) == usable
+    if usable:
+        assert known == mutants.failed_tests(data)
+
+
 def test_killed_detail_shows_three_failures_and_counts_the_rest():
     data = summary(1, [(f"t{i}", "failed") for i in range(5)])
     assert mutants.classify(data) == (KILLED, "5 failed: t0, t1, t2 (+2 more)")
@@ -244,16 +268,20 @@ def test_from_dir_rebuilds_the_table_without_booting(tmp_path, capsys):
     catalogue = write_catalogue(tmp_path, [
         entry(id="killed-one"), entry(id="survivor"), entry(id="argued", equivalent="why")])
     run_dir = tmp_path / "run"
-    for name, data in (("killed-one", summary(1, [("test_x", "failed")])),
-                       ("survivor", summary(0))):
+    for name, data in (("killed-one", summary(1, [("test_x", "failed"), ("stale", "failed")])),
+                       ("survivor", summary(1, [("stale", "failed")])),
+                       ("baseline", summary(1, [("stale", "failed")]))):
         (run_dir / name).mkdir(parents=True)
         (run_dir / name / "summary.json").write_text(json.dumps(data))
     code = cli.main(["mutants", "--catalogue", str(catalogue), "--from-dir", str(run_dir)])
     assert code == int(ExitCode.TEST_FAILURE)
     table = (run_dir / "mutants.md").read_text()
     assert "Score: 1/2 killed (50%)." in table and "| equivalent | why |" in table
+    assert "| killed | 1 failed: test_x |" in table
+    assert "Failing on the unmutated kernel too (kill nothing): `stale`." in table
     data = json.loads((run_dir / "mutants.json").read_text())
     assert (data["killed"], data["scored"], data["total"]) == (1, 2, 3)
+    assert data["baseline_failures"] == ["stale"]
     assert "Score: 1/2" in capsys.readouterr().out
 
 
