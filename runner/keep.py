@@ -340,11 +340,14 @@ def start(kernel: Path, plan: AccelPlan, cache: Cache, cpus: int = 2, memory: st
         if state == "kvm-broken":
             _kill_group(process.pid)
             process.wait()
+            # KVM is only judged broken when there is a fallback to try (see the probe above).
+            assert plan.fallback is not None
             reason = f"auto: fell back to {plan.fallback}: KVM did not boot the guest"
             accel, plan = plan.fallback, AccelPlan(plan.fallback, None, reason)
             log(f"keep: KVM does not work here; retrying with {accel}")
             continue
         break
+    assert qemu is not None  # a "ready" guest without QEMU was refused above
     # Reap vng if it dies while this process still runs; after we exit, init does.
     threading.Thread(target=process.wait, name="kept-guest-reaper", daemon=True).start()
     guest = KeptGuest(pgid=process.pid, qemu_pid=qemu, qemu_start=_process_start(qemu) or 0,

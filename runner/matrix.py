@@ -81,14 +81,16 @@ def parse_kernels(text: str) -> list[KernelSpec]:
 
 def options_for(base: pipeline.RunOptions, spec: KernelSpec, out: Path) -> pipeline.RunOptions:
     """The options of a normal run on this kernel; build options only reach build: kernels."""
-    kernel = {"kernel_src": None, "kernel_image": None, "distro_kernel": None, "modules": None}
+    options = dataclasses.replace(base, kernel_src=None, kernel_image=None, distro_kernel=None,
+                                  modules=None)
     if spec.kind == "distro":
-        kernel["distro_kernel"] = spec.value
+        options.distro_kernel = spec.value
     elif spec.kind == "image":
-        kernel["kernel_image"] = Path(spec.value)
+        options.kernel_image = Path(spec.value)
     else:
-        kernel["kernel_src"] = Path(spec.value)
-    build_only = {} if spec.kind == "build" else {"series": None, "base": None, "config": []}
+        options.kernel_src = Path(spec.value)
+    if spec.kind != "build":
+        options.series, options.base, options.config = None, None, []
     flag = {"distro": "--distro-kernel", "image": "--kernel-image", "build": "--kernel-src"}
     # The reproducer in the kernel's summary.json: a plain run on just this kernel.
     argv = [flag[spec.kind], spec.value]
@@ -96,7 +98,7 @@ def options_for(base: pipeline.RunOptions, spec: KernelSpec, out: Path) -> pipel
         argv += ["-m", base.markers or ""]
     if base.keyword:
         argv += ["-k", base.keyword]
-    return dataclasses.replace(base, output=out, shell=False, argv=argv, **kernel, **build_only)
+    return dataclasses.replace(options, output=out, shell=False, argv=argv)
 
 
 # --- one column from a run's files --------------------------------------------------------
@@ -292,8 +294,8 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     if args.from_dir is not None:
         saved = json.loads((args.from_dir / MATRIX_JSON).read_text())
         specs = [KernelSpec(*k["spec"].split(":", 1)) for k in saved["kernels"]]
-        columns = [column_from_dir(spec, args.from_dir / spec.slug) for spec in specs]
-        return _finish(args.from_dir, columns, log)
+        return _finish(args.from_dir,
+                       [column_from_dir(spec, args.from_dir / spec.slug) for spec in specs], log)
     _reject_single_kernel_options(args)
     specs = parse_kernels(args.kernels)
     options = cli.options_from_args(args, [])

@@ -229,7 +229,7 @@ class Journal:
             shutil.rmtree(self.directory)
         blobs = self.directory / "blobs"
         blobs.mkdir(parents=True)
-        files = {}
+        files: dict[str, dict[str, object]] = {}
         created_dirs: list[str] = []
         for number, rel in enumerate(rel_paths):
             target = tree / rel

@@ -108,11 +108,12 @@ def validate(options: RunOptions) -> None:
                          "build; they do not apply to --kernel-image/--distro-kernel")
     if options.base and not options.kernel_src:
         raise UsageError("--base REV needs --kernel-src pointing at a git tree")
-    for name, value in (("--cpus", options.cpus), ("--jobs", options.jobs)):
-        if value < 1:
+    for name, count in (("--cpus", options.cpus), ("--jobs", options.jobs)):
+        if count < 1:
             raise UsageError(f"{name} must be at least 1")
-    for name, value in (("--timeout", options.timeout), ("--stall-timeout", options.stall_timeout)):
-        if value <= 0:
+    for name, seconds in (("--timeout", options.timeout),
+                          ("--stall-timeout", options.stall_timeout)):
+        if seconds <= 0:
             raise UsageError(f"{name} must be positive")
     if not options.shell and not Path(options.suite).is_dir():
         raise UsageError(f"test suite directory {options.suite} does not exist; check --suite")
@@ -426,6 +427,7 @@ def kernel_release(out: Path, fallback: str | None) -> str | None:
 def run_on_target(options: RunOptions, cache: Cache, out: Path, timings: dict,
                   summary: record.RunRecord, log: Callable[[str], None]) -> tuple:
     """Stage 5 for --target: the target already runs its kernel; (status, release) as a boot."""
+    assert options.target is not None  # run() calls this only for --target
     outcome = remote.run_on_target(options.target, options.suite, out, options.markers,
                                    options.keyword, options.timeout, options.stall_timeout, log,
                                    cache)
@@ -532,6 +534,7 @@ def run_recorded(options: RunOptions, log: Callable[[str], None]) -> tuple[int, 
     how it ended even when it stopped before creating its output directory
     (a usage error).  Only an interruption is raised.
     """
+    assert options.output is not None  # each run of many has its own directory
     out = Path(options.output)
     # A summary left by an earlier run in this directory must not pass for this one's.
     (out / artifacts.SUMMARY).unlink(missing_ok=True)

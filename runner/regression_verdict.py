@@ -321,8 +321,8 @@ def markdown(outcomes: Sequence[Outcome], title: str = "Regression corpus") -> s
         lines.append(f"| {cell(o.id)}{runner} | {cell(o.bug)} | {cell(o.upstream_fix)} | "
                      f"{expected} | {cell(_observed_cell(o))} | **{caught}** | "
                      f"{_time_cell(o)} |")
-    caught = sum(o.caught in CAUGHT_LABELS for o in outcomes)
-    lines += ["", f"{caught} of {len(outcomes)} caught."]
+    total_caught = sum(o.caught in CAUGHT_LABELS for o in outcomes)
+    lines += ["", f"{total_caught} of {len(outcomes)} caught."]
     notes = [o for o in outcomes if o.note]
     if notes:
         lines += ["", "Notes:", ""]

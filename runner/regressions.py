@@ -314,9 +314,9 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     """Run (or re-read) every selected regression, print and write the table."""
     regressions = select(load_manifest(args.manifest), args.only)
     if args.from_dir is not None:
-        outcomes = [outcome_from_dir(r, args.from_dir / r.id) for r in regressions
-                    if (args.from_dir / r.id).is_dir()]
-        return _finish(args.from_dir, outcomes, _title(args), log)
+        return _finish(args.from_dir, [outcome_from_dir(r, args.from_dir / r.id)
+                                       for r in regressions if (args.from_dir / r.id).is_dir()],
+                       _title(args), log)
     given = [flag for dest, flag in _REFUSED.items() if getattr(args, dest, None)]
     if given:
         raise UsageError(f"{', '.join(given)} pick another kernel; regressions always build "

@@ -390,6 +390,8 @@ def run_on_target(options: RemoteOptions, suite: Path, out: Path, markers: str |
         log(f"remote: Linux {facts.release}, {facts.python} "
             f"{facts_out['python_version']}, pytest {facts_out['pytest']}{pushed}")
         workdir = facts.workdir
+        # The probe makes one whenever the target qualifies; probe() refused the others.
+        assert workdir is not None
         try:
             transfer = remote_transfer.open_transfer(client, facts.python, PROBE_TIMEOUT, log)
             facts_out["transfer"] = transfer.name

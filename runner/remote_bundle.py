@@ -48,7 +48,8 @@ def pytest_closure(environment: Mapping[str, str]) -> list[metadata.Distribution
             raise UsageError(f"the target's Python {python} needs {name} for pytest and the "
                              f"runner's environment has none to push; {INSTALL_HINT}, or "
                              f"pip install {name} beside the runner") from None
-        requires_python = dist.metadata.get("Requires-Python")
+        # An email.message.Message at run time; typeshed's PackageMetadata protocol lacks get().
+        requires_python = dist.metadata.get("Requires-Python")  # type: ignore[attr-defined]
         if requires_python and not SpecifierSet(requires_python).contains(python,
                                                                           prereleases=True):
             raise UsageError(f"the runner's {dist.metadata['Name']} {dist.version} needs Python "
@@ -79,7 +80,7 @@ def distribution_files(dist: metadata.Distribution) -> Iterator[tuple[Path, str]
         if entry.suffix in COMPILED_SUFFIXES:
             raise UsageError(f"the runner's {name} contains compiled code ({entry}) that may not "
                              f"run on the target; {INSTALL_HINT}")
-        local = Path(dist.locate_file(entry))
+        local = Path(str(dist.locate_file(entry)))
         if local.is_file():
             yield local, "/".join(parts)
 

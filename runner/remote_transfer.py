@@ -126,8 +126,9 @@ class ExecTransfer:
             with tarfile.open(fileobj=io.BytesIO(out[start + len(DATA_MARKER):]),
                               mode="r|") as archive:
                 for member in archive:
-                    if member.isfile() and member.name in names:
-                        found[member.name] = archive.extractfile(member).read()
+                    extracted = archive.extractfile(member) if member.isfile() else None
+                    if extracted is not None and member.name in names:
+                        found[member.name] = extracted.read()
         except tarfile.TarError as exc:
             raise TransferFailed(f"{what} on the target failed (damaged data: {exc})") from None
         return found
@@ -168,7 +169,7 @@ class ExecTransfer:
 
 
 def _read_all(recv: Callable[[int], bytes]) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         data = recv(65536)
         if not data:

@@ -24,9 +24,12 @@ PYTEST_OK, PYTEST_TESTS_FAILED, PYTEST_USAGE_ERROR, PYTEST_NO_TESTS = 0, 1, 4, 5
 class _Label(str, enum.Enum):
     """A status word: compares, formats and serialises as its plain string."""
 
-    # str's own, not Enum's, so f-strings and str() give "exited", not "BootStatus.EXITED".
-    __str__ = str.__str__
-    __format__ = str.__format__
+    # The word itself, not Enum's "BootStatus.EXITED", in str() and f-strings alike.
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
 
 
 class BootStatus(_Label):

@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, cast
 
 from runner import atomic_file, debian_archive
 from runner.cache import Cache
@@ -251,10 +251,11 @@ def extract_tarball_with_progress(tarball: Path, dest: Path) -> int:
     # The 'tar' filter refuses absolute paths and links leaving dest, and keeps
     # exec bits (scripts/ needs them); Python versions without filters never
     # had the option.
-    filter_kw = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
+    filter_kw: dict[str, Any] = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
     with open(tarball, "rb") as raw:
         reader = _CountingReader(raw)
-        with tarfile.open(fileobj=reader, mode="r|*") as archive:
+        # Stream mode ("r|") only ever calls read(), which the counter provides.
+        with tarfile.open(fileobj=cast(BinaryIO, reader), mode="r|*") as archive:
             for member in archive:
                 archive.extract(member, dest, **filter_kw)
                 count += 1
