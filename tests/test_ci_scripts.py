@@ -419,7 +419,8 @@ def test_prune_keeps_only_the_build_directories_the_run_used(tmp_path):
     (builds / "kernel-adopted").symlink_to(builds / "kernel-cccc")
     (builds / "stale-link").symlink_to(builds / "linux-source-6.1-aaaa")
     summary = tmp_path / "summary.json"
-    summary.write_text(json.dumps({"kernel": {"build_dir": str(builds / "kernel-adopted")}}))
+    summary.write_text(json.dumps({"schema_version": 2,
+                                   "kernel": {"build_dir": str(builds / "kernel-adopted")}}))
     proc = run_script("build-cache", "prune", str(builds), "--keep-from", str(summary),
                       str(tmp_path / "missing.json"))
     assert proc.returncode == 0, proc.stderr
@@ -523,8 +524,10 @@ def test_run_job_command_lines():
 
 
 @pytest.mark.parametrize("summary, code, built", [
-    ({"build": {"steps": 10}, "verdict": "test failure"}, 1, "true"),
-    ({"verdict": "error", "reason": "kernel build failed"}, 5, "false"),
+    ({"schema_version": 2, "build": {"steps": 10}, "verdict": "test failure"}, 1, "true"),
+    ({"schema_version": 2, "verdict": "error", "reason": "kernel build failed"}, 5, "false"),
+    # A record this runner cannot read: the run's exit code still passes through.
+    ({"schema_version": 99, "build": {"steps": 10}}, 1, "false"),
     (None, 7, "false"),
 ])
 def test_run_job_passes_the_exit_code_and_says_whether_it_built(tmp_path, summary, code, built):
