@@ -6,7 +6,6 @@ that outlive the direct child; only the group reaches them all.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import time
@@ -27,50 +26,15 @@ def exists(pgid: int) -> bool:
     return True
 
 
-def alive(pgid: int) -> bool:
-    """True while any process of the group exists and is not a zombie."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # Reap our direct child if it already exited.
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pgid, os.WNOHANG)
-    # Orphans (QEMU under virtme-run, a step's grandchildren) are reaped by
-    # PID 1, which in containers can take a second or more: a group of
-    # zombies is already dead and must not cost the stop its grace period.
-    return any(state != "Z" for state in _states(pgid))
+def stop(pgid: int, steps: Sequence[tuple[signal.Signals, float]], gone: Callable[[], bool],
+         poll: float = 0.1, on_interrupt: Callable[[], None] | None = None) -> bool:
+    """Send each (signal, seconds) step to the group until gone() says it ended; True once it has.
 
-
-def _states(pgid: int) -> list[str]:
-    """The process states (R, S, Z, ...) of the group's members, from /proc."""
-    states = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                # "pid (comm) state ppid pgrp ...": comm may hold spaces and parens.
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            states.append(fields[0].decode())
-    return states
-
-
-def stop(pgid: int, steps: Sequence[tuple[signal.Signals, float]],
-         gone: Callable[[], bool] | None = None, poll: float = 0.1,
-         on_interrupt: Callable[[], None] | None = None) -> bool:
-    """Send each (signal, seconds) step to the group until it is gone; True once it is.
-
-    gone() says when the group counts as ended (default: no process of it is
-    left).  With on_interrupt, Ctrl-C while waiting calls it and moves on to
-    the next signal instead of abandoning a half-stopped group.
+    gone() is the caller's: whether zombies or a surviving grandchild still
+    count differs between a guest and a bisect step.  With on_interrupt, Ctrl-C
+    while waiting calls it and moves on to the next signal instead of
+    abandoning a half-stopped group.
     """
-    ended = gone or (lambda: not alive(pgid))
     for sig, seconds in steps:
         try:
             os.killpg(pgid, sig)
@@ -79,13 +43,13 @@ def stop(pgid: int, steps: Sequence[tuple[signal.Signals, float]],
         deadline = time.monotonic() + seconds
         try:
             while time.monotonic() < deadline:
-                if ended():
+                if gone():
                     return True
                 time.sleep(poll)
         except (KeyboardInterrupt, Interrupted):
             if on_interrupt is None:
                 raise
             on_interrupt()
-        if ended():
+        if gone():
             return True
     return False
