@@ -142,3 +142,19 @@ def test_locked_update_in_place_charges_nothing(layout, new_storage_map, socks):
         maps.update(map_fd, sock.fileno(), bytes(4) + fill(12, 7), syscall.BPF_F_LOCK)
     assert maps.lookup(map_fd, sock.fileno(), 16, syscall.BPF_F_LOCK) == bytes(4) + fill(12, 7)
     assert charges.optmem(sock) - baseline == layout.first_element(16)
+
+
+def test_storage_is_recreated_after_the_last_delete(layout, new_storage_map, socks):
+    """Deleting a socket's last value frees its storage; the next value builds a new one.
+
+    The socket's storage pointer must be reset when the last element goes, or the next
+    creation finds it set and loses the publish race it can never win (EAGAIN).
+    """
+    map_fd = new_storage_map(24)
+    sock = socks.bound(socket.AF_INET, socket.SOCK_DGRAM)
+    baseline = charges.optmem(sock)
+    for round_ in range(3):
+        maps.update(map_fd, sock.fileno(), fill(24, round_))
+        assert charges.optmem(sock) - baseline == layout.first_element(24), round_
+        maps.delete(map_fd, sock.fileno())
+        assert charges.optmem(sock) == baseline, round_

@@ -35,11 +35,13 @@ def value_btf(closing):
 
 
 def create_attempt(ids: maps.StorageBtf, *, key_size: int = 4, value_size: int = 8,
-                   max_entries: int = 0, map_flags: int = NO_PREALLOC) -> int:
+                   max_entries: int = 0, map_flags: int = NO_PREALLOC,
+                   key_type_id: int | None = None) -> int:
     """BPF_MAP_CREATE of an sk storage map with one attribute possibly changed; returns the fd."""
     return maps.create_map(
-        SK_STORAGE, key_size, value_size, max_entries, map_flags,
-        btf_fd=ids.fd, btf_key_type_id=ids.key_type_id, btf_value_type_id=ids.value_type_id,
+        SK_STORAGE, key_size, value_size, max_entries, map_flags, btf_fd=ids.fd,
+        btf_key_type_id=ids.key_type_id if key_type_id is None else key_type_id,
+        btf_value_type_id=ids.value_type_id,
     )
 
 
@@ -173,6 +175,8 @@ def test_unprivileged_caller_is_eperm(value_btf):
         pytest.param({"max_entries": 1}, id="max_entries-1"),
         pytest.param({"key_size": 8}, id="key_size-8"),
         pytest.param({"value_size": 0}, id="value_size-0"),
+        # Refused later (BTF) as well, so only the order against EPERM shows this check.
+        pytest.param({"key_type_id": 0}, id="no-btf-key-type-id"),
     ],
 )
 def test_unprivileged_bad_attributes_are_einval_before_eperm(value_btf, attrs):
