@@ -719,7 +719,8 @@ def test_the_kernel_job_caches_reports_and_uploads_what_it_promises():
     # KVM expected -> --accel kvm, so a runner without KVM fails in seconds.
     assert "ACCEL: ${{ (vars.SK_STORAGE_EXPECT_ACCEL || 'kvm') == 'kvm' && 'kvm' || 'auto' }}" \
         in job
-    assert '-- "$ENTRY" --accel "$ACCEL"' in step("Run the selftests")
+    assert 'run-job "$ENTRY" ' in step("Run the selftests")
+    assert ' -- --accel "$ACCEL"' in step("Run the selftests")
     # The venv is made by the runner user (setup-host switches to the checkout's owner).
     assert "sudo selftests/ci/setup-host" in step("Install system packages (as root) and the "
                                                   "venv (as the runner user)")
