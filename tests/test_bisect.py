@@ -27,7 +27,7 @@ from runner.errors import ExitCode, UsageError
 STANDIN = textwrap.dedent('''\
     import json, os, shutil, signal, sys, time
     from pathlib import Path
-    from runner import artifacts, bisect, errors, patches
+    from runner import bisect, errors, patches, record
 
     SIGNATURE_TEST = "test_teardown::test_closed_sockets_leave_no_storage_in_the_map"
 
@@ -36,10 +36,11 @@ STANDIN = textwrap.dedent('''\
         obj = out / "build" / "obj"
         obj.mkdir(parents=True)
         shutil.copy(kernel, obj / "vmlinux")
-        artifacts.write_summary(out, {"verdict": verdict, "reason": verdict,
-                                      "tests": list(tests), "splats": list(splats),
-                                      "kernel": {"build_dir": str(out / "build")},
-                                      "timings": {"build": 2.0, "guest": 3.0}})
+        record.write(out, record.parse({
+            "schema_version": record.SCHEMA_VERSION, "verdict": verdict, "reason": verdict,
+            "tests": list(tests), "splats": list(splats),
+            "kernel": {"build_dir": str(out / "build")},
+            "timings": {"build": 2.0, "guest": 3.0}}))
 
     def failed(out, name=SIGNATURE_TEST, kernel="/bin/false"):
         summary(out, "test failure", [
