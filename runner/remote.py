@@ -32,6 +32,7 @@ import paramiko
 from runner import artifacts, boot, keep, remote_bundle, remote_driver, remote_transfer, ssh
 from runner.cache import Cache
 from runner.errors import InfrastructureError, UsageError
+from runner.results import BootStatus
 
 MIN_PYTHON = (3, 9)
 PROBE_TIMEOUT = 120.0
@@ -119,7 +120,7 @@ class TargetFacts:
 class TargetOutcome:
     """How the remote run ended, in the shape of runner.boot.BootOutcome's status values."""
 
-    status: str  # exited | timeout | stalled
+    status: BootStatus  # EXITED, TIMEOUT or STALLED
     detail: str
     seconds: float
     exit_status: int | None
@@ -263,7 +264,8 @@ class _Console:
 
 def stream_run(channel: paramiko.Channel, console: _Console, deadline: float,
                stall_timeout: float, liveness_after: float = LIVENESS_AFTER_SECONDS,
-               liveness_wait: float = LIVENESS_WAIT_SECONDS) -> tuple:
+               liveness_wait: float = LIVENESS_WAIT_SECONDS,
+               ) -> tuple[BootStatus, str, int | None]:
     """Follow the driver's output until it exits: (status, detail, exit status).
 
     On the deadline or a stall the driver is asked to stop by closing its stdin,
@@ -272,7 +274,7 @@ def stream_run(channel: paramiko.Channel, console: _Console, deadline: float,
     """
     transport = channel.get_transport()
     last_output = last_heard = time.monotonic()
-    stopping: tuple | None = None
+    stopping: tuple[BootStatus, str] | None = None
     give_up_at = None
     silent = False
     while True:
@@ -288,8 +290,8 @@ def stream_run(channel: paramiko.Channel, console: _Console, deadline: float,
         if not transport.is_active():
             break
         if stopping is None and (now >= deadline or now - last_output >= stall_timeout):
-            stopping = (("timeout", "the run exceeded --timeout") if now >= deadline else
-                        ("stalled", f"no output for {stall_timeout:.0f} s"))
+            stopping = ((BootStatus.TIMEOUT, "the run exceeded --timeout") if now >= deadline
+                        else (BootStatus.STALLED, f"no output for {stall_timeout:.0f} s"))
             console.line(f"### {stopping[1]}: stopping the run on the target")
             channel.shutdown_write()
             give_up_at = now + STOP_GRACE_SECONDS
@@ -315,7 +317,7 @@ def stream_run(channel: paramiko.Channel, console: _Console, deadline: float,
         status = channel.exit_status
         if stopping:
             return stopping[0], stopping[1], status
-        return "exited", f"the driver exited with status {status}", status
+        return BootStatus.EXITED, f"the driver exited with status {status}", status
     if not transport.is_active():
         raise ssh.ConnectionDropped("the connection to the target dropped in the middle of the "
                                     "run")
