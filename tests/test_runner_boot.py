@@ -106,7 +106,7 @@ def test_vng_command_is_built_in_one_place():
                                [Path("/out")], "echo hi")
     assert command == ["/venv/bin/vng", "--run", "/k/bzImage", "--verbose", "--force-9p",
                        "--user", "root", "--cpus", "2", "--memory", "2G", "--disable-kvm",
-                       "--rwdir", "/out", "--exec", "echo hi"]
+                       "--append", "no_timer_check", "--rwdir", "/out", "--exec", "echo hi"]
     kvm = boot.vng_command("vng", Path("/k"), "kvm", 4, "4G", [], None)
     assert "--disable-kvm" not in kvm and "--exec" not in kvm and "--rwdir" not in kvm
 
