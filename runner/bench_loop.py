@@ -3,9 +3,10 @@
 The loops of issue 13, each timed end to end through the real command line:
 
 - warm run, nothing changed: `run-selftests` twice more on the default kernel;
-- one-file change: a new line of code at the end of net/core/bpf_sk_storage.c
-  in the default source, then `run-selftests` (the edit is taken out again at
-  the end, followed by one more run so the cache is left built);
+- one-file change: a new line of code at the end of net/core/bpf_sk_storage.c,
+  then `run-selftests`.  The edits go to a private copy of the default source
+  (--edit-tree, default <output>/linux), never to the cache's shared tree that
+  other runs build; the copy gets one settling build first (from ccache);
 - guest: boot + tests, the "guest" timing of those runs;
 - a second checkout: a `git clone` of this checkout runs `run-selftests` on
   the same source and series and must land in the same build directory;
@@ -50,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"which loops, comma-separated (default {','.join(LOOPS)})")
     parser.add_argument("--cache-dir", type=Path, metavar="DIR",
                         help="the runner's cache (default: as run-selftests)")
+    parser.add_argument("--edit-tree", type=Path, metavar="DIR",
+                        help="kernel tree the edit loop edits and builds with the default "
+                             "series (default: a copy of the default source in the output)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -70,7 +74,12 @@ def main(args: argparse.Namespace) -> int:
     if "warm" in loops:
         rows += bench.warm(args.runs)
     if "edit" in loops:
-        rows += bench.edit(args.runs, cache.sources / "linux-source-6.1" / EDITED_FILE)
+        tree = args.edit_tree or out / "linux"
+        if not tree.exists():
+            shared = cache.sources / "linux-source-6.1"
+            print(f"bench-loop: copying {shared} to {tree} for the edit loop")
+            subprocess.run(["cp", "-a", "--reflink=auto", str(shared), str(tree)], check=True)
+        rows += bench.edit(args.runs, Path(tree).absolute())
     if "checkout" in loops:
         rows += bench.checkout()
     if "pytest" in loops:
@@ -92,10 +101,11 @@ class LoopBench:
         self.samples: list[dict] = []
         self.failures: list[str] = []
 
-    def run_selftests(self, label: str, checkout: Path) -> dict:
+    def run_selftests(self, label: str, checkout: Path, options: Sequence[str] = ()) -> dict:
         """One `run-selftests` from `checkout`; its wall time and summary.json."""
         run_dir = self.out / f"{label}-{len(self.samples):02d}"
-        command = [sys.executable, "-m", "runner.cli", "--output", str(run_dir), *self.extra]
+        command = [sys.executable, "-m", "runner.cli", "--output", str(run_dir), *self.extra,
+                   *options]
         env = dict(os.environ)
         # A second checkout must run its own runner, not the installed one.
         env["PYTHONPATH"] = os.pathsep.join([str(checkout), str(checkout / "selftests")])
@@ -128,10 +138,15 @@ class LoopBench:
         return [row("warm run, nothing changed", samples, "wall", TARGETS["warm"]),
                 row("guest: boot + tests", samples, "guest", TARGETS["guest"])]
 
-    def edit(self, runs: int, path: Path) -> list[dict]:
-        """A new line of real code in the sk storage source before each run."""
+    def edit(self, runs: int, tree: Path) -> list[dict]:
+        """A new line of real code in the sk storage source of `tree` before each run."""
+        path = tree / EDITED_FILE
         if not path.is_file():
-            raise UsageError(f"bench-loop: {path} is missing; run run-selftests once first")
+            raise UsageError(f"bench-loop: {path} is missing; pass --edit-tree pointing at a "
+                             "Linux tree")
+        options = ["--kernel-src", str(tree), "--series",
+                   str(REPO_ROOT / "kernel_patches" / "series")]
+        self.run_selftests("edit-settle", REPO_ROOT, options)
         original = path.read_bytes()
         samples = []
         try:
@@ -142,12 +157,11 @@ class LoopBench:
                 path.write_bytes(original + (
                     f"\nstatic int __maybe_unused bench_loop_edit_{number} = {nonce % 1000000};\n"
                 ).encode())
-                samples.append(self.run_selftests("edit", REPO_ROOT))
+                samples.append(self.run_selftests("edit", REPO_ROOT, options))
         finally:
-            # The content goes back, with a new mtime, so the next build compiles
+            # The content goes back with a new mtime, so the next build compiles
             # it again rather than keeping the edited object.
             path.write_bytes(original)
-        self.run_selftests("restore", REPO_ROOT)
         return [row(f"one-file change in {EDITED_FILE.name} -> verdict", samples, "wall",
                     TARGETS["edit"]),
                 row("  of which build (make)", samples, "build", None)]
