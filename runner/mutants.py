@@ -49,6 +49,7 @@ CATALOGUE = pipeline.REPO_ROOT / "kernel_patches" / "mutants" / "catalogue.json"
 MUTANTS_MD = "mutants.md"
 MUTANTS_JSON = "mutants.json"
 PATCH_NAME = "mutant.patch"
+SLOT = "mutant-slot.patch"
 BASELINE = "baseline"
 SCHEMA = 1
 
@@ -517,6 +518,25 @@ def slot_dir(cache) -> Path:
     return cache.root / "mutants"
 
 
+def prepare_slot_series(directory: Path, default_series: Path, patch: Path) -> Path:
+    """regressions.prepare_slot_series with the slot named SLOT.
+
+    The build directory is keyed by the series' entry names: a slot named like the
+    regressions' would share their build directory, and a regression sweep building
+    there between a mutant's build and its boot would hand the mutant's guest the
+    wrong kernel (the tree lock covers the build only).
+    """
+    series = regressions.prepare_slot_series(directory, default_series, patch)
+    text = series.read_text().replace(f"{regressions.SLOT}\n", f"{SLOT}\n")
+    (directory / regressions.SLOT).unlink(missing_ok=True)
+    regressions._point(directory / SLOT, Path(patch).resolve())
+    if series.read_text() != text:
+        tmp = directory / "series.tmp"
+        tmp.write_text(text.replace("`run-selftests regressions`", "`run-selftests mutants`"))
+        tmp.replace(series)
+    return series
+
+
 def _source_lock(cache, src_path: Path) -> Path:
     # The lock the pipeline holds while the tree is patched (runner.pipeline / patches).
     journal = cache.root / "restore" / hashlib.sha256(str(src_path).encode()).hexdigest()[:16]
@@ -598,7 +618,7 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
                 target.mkdir(parents=True, exist_ok=True)
                 patch_file = target / PATCH_NAME
                 patch_file.write_text(patches[mutant.id])
-                series = regressions.prepare_slot_series(slot_dir(cache),
+                series = prepare_slot_series(slot_dir(cache),
                                                          pipeline.DEFAULT_SERIES, patch_file)
                 log(f"mutants: [{built}/{len(patches)}] {mutant.id}: {mutant.breaks}; "
                     f"log: {target / regressions.RUN_LOG}")

@@ -287,3 +287,27 @@ def test_from_dir_rebuilds_the_table_without_booting(tmp_path, capsys):
 
 def test_options_that_pick_another_kernel_are_refused():
     assert cli.main(["mutants", "--distro-kernel", "6.1"]) == int(ExitCode.USAGE)
+
+
+def test_slot_series_gets_a_build_directory_apart_from_the_regressions(tmp_path):
+    """Same source and fragments, but the slot's name keys another build directory, so a
+    regression sweep can never rebuild the kernel a mutant's guest is about to boot."""
+    from runner import build, regressions
+    from runner.patches import load_series
+
+    patch = tmp_path / "m.patch"
+    patch.write_text("")
+    ours = mutants.prepare_slot_series(tmp_path / "mutants", pipeline.DEFAULT_SERIES, patch)
+    theirs = regressions.prepare_slot_series(tmp_path / "regressions", pipeline.DEFAULT_SERIES,
+                                             patch)
+    assert ours.read_text().splitlines()[-1] == mutants.SLOT
+    assert (tmp_path / "mutants" / mutants.SLOT).resolve() == patch.resolve()
+    assert not (tmp_path / "mutants" / regressions.SLOT).exists()
+    key = build.build_key(tmp_path, load_series(ours), [])[0]
+    assert key != build.build_key(tmp_path, load_series(theirs), [])[0]
+    # Re-pointing keeps the same series (and so the same build directory) for every mutant.
+    other = tmp_path / "n.patch"
+    other.write_text("")
+    again = mutants.prepare_slot_series(tmp_path / "mutants", pipeline.DEFAULT_SERIES, other)
+    assert build.build_key(tmp_path, load_series(again), [])[0] == key
+    assert (tmp_path / "mutants" / mutants.SLOT).resolve() == other.resolve()
