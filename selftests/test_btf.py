@@ -219,6 +219,6 @@ def test_four_byte_key_refused_by_the_storage_check(kind, closing):
         os.close(btf.load_btf(blob))
     except syscall.BpfError as err:
         if kind == "float" and err.errno == errno.EINVAL:
-            pytest.skip("kernel lacks BTF_KIND_FLOAT (5.13+)")
+            probes.absent("BTF_KIND_FLOAT", "5.13", "BPF_BTF_LOAD of a float failed with EINVAL")
         raise
     assert creation_errno(blob, key_id, value_id, closing) == errno.EINVAL

@@ -13,7 +13,7 @@ import socket
 import struct
 
 import pytest
-from bpfkit import cgroup, maps, prog, syscall
+from bpfkit import cgroup, maps, probes, prog, syscall
 from bpfkit.asm import (
     JEQ,
     R0,
@@ -64,7 +64,8 @@ def load(program: bytes, closing) -> int:
                                           expected_attach_type=BPF_CGROUP_INET_SOCK_CREATE))
     except syscall.BpfError as err:
         if err.errno == errno.EINVAL and "unknown func bpf_sk_storage_get" in err.detail:
-            pytest.skip("kernel lacks bpf_sk_storage_get for cgroup/sock programs (5.11+)")
+            probes.absent("bpf_sk_storage_get in cgroup/sock programs", "5.11",
+                          "the verifier does not know the helper there")
         raise
 
 

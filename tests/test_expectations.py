@@ -219,3 +219,32 @@ def test_the_runner_passes_the_default_series_backports_to_the_guest():
     entries = [{"path": str(entry.path)} for entry in series.entries]
     assert pipeline.known_bug_backports({"entries": entries}) == ["b5c111f4967b"]
     assert pipeline.known_bug_backports(None) == []
+
+
+def test_a_feature_a_test_finds_missing_skips_only_an_older_kernel(monkeypatch):
+    monkeypatch.setattr(kernel, "running", lambda: kernel.identify("5.10.0-32-amd64", DEBIAN_5_10))
+    with pytest.raises(pytest.skip.Exception, match=r"^\[older kernel\] kernel 5\.10\.223 .* "
+                                                    r"lacks BTF_KIND_FLOAT \(5\.13\+\)"):
+        probes.absent("BTF_KIND_FLOAT", "5.13", "EINVAL")
+    with pytest.raises(pytest.fail.Exception, match="must have bpf_iter .* but EINVAL"):
+        probes.absent("bpf_iter", "5.9", "EINVAL")
+
+
+def test_every_skip_in_the_suite_states_its_category():
+    """A skip without a category is one the runner cannot judge: it fails every guest run."""
+    import ast
+
+    categories = ("ENVIRONMENT", "OLDER_KERNEL", "KERNEL_CONFIG", "NOT_ROOT")
+    offenders = []
+    for path in sorted(SUITE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "skip" and getattr(node.func.value, "id", "") == "pytest"):
+                continue
+            reason = ast.unparse(node.args[0]) if node.args else ""
+            # A category constant in the text, or probes.require()'s judged `message`.
+            stated = reason == "message" or any(
+                f"probes.{c}" in reason or f"{{{c}}}" in reason for c in categories)
+            if not stated:
+                offenders.append(f"{path.relative_to(SUITE)}:{node.lineno}: {reason}")
+    assert offenders == []

@@ -288,6 +288,20 @@ def missing_reason(name: str) -> str:
     return judge_missing(name, status(name), kernel.running(), kernel.config())[1]
 
 
+def absent(what: str, since: str, detail: str) -> None:
+    """A test found `what` (upstream since `since`) missing: skip an older kernel, else fail.
+
+    For features a test discovers itself instead of through a probe of the table.
+    """
+    import pytest
+
+    identity = kernel.running()
+    if identity.version < kernel.parse_version(since):
+        pytest.skip(f"{OLDER_KERNEL} kernel {identity.describe()} lacks {what} ({since}+)")
+    pytest.fail(f"kernel {identity.describe()} must have {what} (since {since}) but {detail}",
+                pytrace=False)
+
+
 def require(name: str) -> None:
     """Return if the kernel has feature `name`; else skip (stated reason) or fail (it must have it)."""
     import pytest
