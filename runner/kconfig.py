@@ -185,8 +185,10 @@ def config_inputs_digest(
     extra = ["Makefile", "arch/x86/configs/x86_64_defconfig"]
     for name, value in content_hashes(source, extra).items():
         digest.update(f"{name}\0{value}\n".encode())
+    # Content, not where the fragment lives: a second checkout of the project
+    # must not regenerate (and then flip-flop the stamp with the first).
     for fragment in fragments:
-        digest.update(str(fragment.path).encode() + b"\0" + fragment.path.read_bytes())
+        digest.update(fragment.path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 

@@ -102,6 +102,12 @@ def test_config_inputs_digest_follows_kconfig_files_and_fragments(tmp_path):
     (tree / "net" / "foo.c").write_text("int x;\n")  # not a config input
     assert kconfig.config_inputs_digest(tree, [frag], "1.42") == second
     assert kconfig.config_inputs_digest(tree, [frag], "1.43") != second
+    # The same fragment in another checkout is the same input.
+    (tmp_path / "other").mkdir()
+    elsewhere = fragment(tmp_path / "other", "CONFIG_NET=y\n")
+    assert kconfig.config_inputs_digest(tree, [elsewhere], "1.42") == second
+    changed = fragment(tmp_path / "other", "CONFIG_NET=n\n")
+    assert kconfig.config_inputs_digest(tree, [changed], "1.42") != second
 
 
 # --- skipping the generation when nothing it read changed ---------------------------------
