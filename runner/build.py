@@ -323,8 +323,11 @@ def build_kernel(
     inputs, files = input_state(source, command, env)
     if unchanged_since_last_build(build_dir, inputs):
         seconds = time.monotonic() - started
-        status.finish(f"build: nothing changed since the last build ({files} source files "
-                      f"checked in {seconds:.1f} s); make skipped")
+        note = (f"build: nothing changed since the last build ({files} source files "
+                f"checked in {seconds:.1f} s); make skipped")
+        # The run's build.log must describe this run, not the make of an earlier one.
+        build_dir.build_log.write_text(f"$ {printable}\n{note}\n")
+        status.finish(note)
         return BuildResult(build_dir.image, seconds, 0, printable, skipped=True)
     # A make that fails or is interrupted must never leave a "built" record.
     with contextlib.suppress(FileNotFoundError):

@@ -272,6 +272,8 @@ def test_nothing_changed_skips_make_and_keeps_the_image(tmp_path):
     second = build.build_kernel(source, build_dir, 2, ["bzImage"], cache)
     assert not first.skipped and second.skipped
     assert make_runs(build_dir) == 1
+    log = build_dir.build_log.read_text()
+    assert "make skipped" in log and "CC      net/core" not in log
     assert second.image == build_dir.image and second.image.read_text() == "int storage;\n"
     # -j is how, not what: still nothing to do.
     assert build.build_kernel(source, build_dir, 1, ["bzImage"], cache).skipped
