@@ -13,7 +13,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
-from . import btf_layout, sockdiag
+from . import btf_layout, kernel, sockdiag
 
 
 @dataclass(frozen=True)
@@ -32,13 +32,30 @@ class StorageCharges:
         return self.header + self.element(value_size)
 
 
+# "bpf: Reduce smap->elem_size" (552d42a356eb, 6.3; in 6.1.y by 6.1.176, the oldest 6.1
+# seen here) charges offsetof(sdata.data) + value_size. Before it an element charged
+# sizeof(struct bpf_local_storage_elem) + value_size, which the struct's cache-line
+# aligned sdata rounds up (128 instead of 72 on x86_64: seen on Debian's 5.10.223).
+REDUCED_ELEM_SIZE_SINCE = (6, 1, 0)  # the 6.1.y releases before the backport are not pinned
+
+
+def charges_from_layout(layout: btf_layout.BtfLayout,
+                        version: tuple[int, int, int]) -> StorageCharges:
+    """The charges a kernel of `version` with this BTF layout makes."""
+    elem = layout.struct_id("bpf_local_storage_elem")
+    if version >= REDUCED_ELEM_SIZE_SINCE:
+        sdata = layout.member("bpf_local_storage_elem", "sdata").offset
+        data = layout.member("bpf_local_storage_data", "data").offset
+        overhead = sdata + data
+    else:
+        overhead = layout.size_of(elem)
+    header = layout.size_of(layout.struct_id("bpf_local_storage"))
+    return StorageCharges(elem_overhead=overhead, header=header)
+
+
 def kernel_charges() -> StorageCharges:
     """The running kernel's charges; FileNotFoundError without kernel BTF."""
-    layout = btf_layout.kernel_layout()
-    sdata = layout.member("bpf_local_storage_elem", "sdata").offset
-    data = layout.member("bpf_local_storage_data", "data").offset
-    header = layout.size_of(layout.struct_id("bpf_local_storage"))
-    return StorageCharges(elem_overhead=sdata + data, header=header)
+    return charges_from_layout(btf_layout.kernel_layout(), kernel.running().version)
 
 
 def optmem(sock: socket.socket) -> int:
