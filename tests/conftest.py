@@ -34,3 +34,22 @@ def pytest_unconfigure(config):
     """No background boot outlives the session (Ctrl-C, -x, a failure elsewhere)."""
     while _BACKGROUND_MODULES:
         _BACKGROUND_MODULES.pop().stop_background()
+
+
+def checkout_hidden_from_guests():
+    """The directory virtme-ng's guest init hides this checkout or venv under, else None.
+
+    run-selftests refuses such a checkout up front (exit 2), so tests that drive the
+    runner past its preflight cannot run from it; they skip with this stated reason.
+    """
+    import sys
+    from pathlib import Path
+
+    from runner.preflight import masked_in_guest
+
+    return masked_in_guest(Path(__file__).resolve().parent) or masked_in_guest(Path(sys.executable))
+
+
+HIDDEN_CHECKOUT = checkout_hidden_from_guests()
+HIDDEN_CHECKOUT_REASON = (f"[environment] this checkout or its venv lies under {HIDDEN_CHECKOUT}, "
+                          "which virtme-ng's guest init hides; run-selftests refuses it up front")

@@ -262,8 +262,8 @@ def test_wedge_watch_needs_a_stall_report_then_a_quiet_grace():
                  (2, "[   12.000000] WARNING: CPU: 0 PID: 1 at net/core/x.c:1 f+0x1/0x2")])
     # A WARNING is a splat, but not a wedge: the run goes on.
     assert watch.wedged(100) is None
-    feed(watch, [(3, "[   33.000000] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! "
-                     "[python3:99]")])
+    feed(watch, [(3, ("[   33.000000] watchdog: BUG: soft lockup - CPU#1 stuck for 22s! "
+                      "[python3:99]"))])
     assert watch.wedged(32.9) is None
     assert watch.wedged(33) == ("kernel wedged: soft lockup reported, then no test output "
                                 "for 30 s during test_a.py::test_y")
@@ -271,8 +271,8 @@ def test_wedge_watch_needs_a_stall_report_then_a_quiet_grace():
 
 def test_wedge_watch_is_disarmed_by_test_output_and_rearmed_by_the_next_report():
     watch = boot.WedgeWatch(grace=30)
-    feed(watch, [(0, "test_a.py::test_x [  120.000000] INFO: task python3:9 blocked for "
-                     "more than 120 seconds."),
+    feed(watch, [(0, ("test_a.py::test_x [  120.000000] INFO: task python3:9 blocked for "
+                      "more than 120 seconds.")),
                  (5, "PASSED"), (6, "test_a.py::test_z PASSED")])
     # The tests moved on after the report: a long quiet test later is not a wedge.
     assert watch.wedged(1000) is None

@@ -40,7 +40,8 @@ def start_in_background() -> None:
     if ABSENT or HIDDEN or _BACKGROUND:
         return
     work = Path(tempfile.mkdtemp(prefix="boot-integration-"))
-    log = open(work / "runner.log", "w")  # a file, not a pipe nobody reads while tests run
+    # A file, not a pipe nobody reads while tests run; stop_background() closes it.
+    log = open(work / "runner.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "runner.cli", "--distro-kernel", "6.1", "--suite",
          str(GUEST_SUITE), "-k", "root or release or skipped or deliberate",

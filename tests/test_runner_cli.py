@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HIDDEN_CHECKOUT, HIDDEN_CHECKOUT_REASON
 
 from runner import build, cli, pipeline
 from runner.cache import Cache, default_cache_dir
@@ -23,6 +24,9 @@ from runner.errors import (
     UsageError,
 )
 from runner.patches import load_series
+
+# The runner refuses a checkout its guests cannot see before anything these tests check.
+pytestmark = pytest.mark.skipif(bool(HIDDEN_CHECKOUT), reason=HIDDEN_CHECKOUT_REASON)
 
 REPO = Path(__file__).resolve().parent.parent
 
