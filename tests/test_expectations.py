@@ -248,3 +248,23 @@ def test_every_skip_in_the_suite_states_its_category():
             if not stated:
                 offenders.append(f"{path.relative_to(SUITE)}:{node.lineno}: {reason}")
     assert offenders == []
+
+
+def test_root_refused_any_bpf_command_is_the_hosts_policy(monkeypatch):
+    """A container whose seccomp profile answers bpf(2) with EPERM is an environment, not a kernel."""
+    from bpfkit import syscall
+
+    def refused() -> bool:
+        raise syscall.BpfError(1, "BPF_MAP_CREATE")
+
+    import dataclasses
+
+    monkeypatch.setitem(probes.FEATURES, "bpf_syscall",
+                        dataclasses.replace(probes.FEATURES["bpf_syscall"], probe=refused))
+    probes.status.cache_clear()
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    try:
+        assert probes.status("bpf_syscall") == probes.Status(
+            False, "BPF_MAP_CREATE failed with EPERM", policy=True)
+    finally:
+        probes.status.cache_clear()

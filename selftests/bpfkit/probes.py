@@ -249,7 +249,10 @@ def status(name: str) -> Status:
     except Absent as absent:
         return Status(False, str(absent))
     except syscall.BpfError as err:
-        return Status(False, f"{err.command} failed with {err.errno_name}")
+        # EPERM to root on any bpf(2) command (a container's seccomp profile, lockdown)
+        # is the host's policy, not the kernel's answer.
+        return Status(False, f"{err.command} failed with {err.errno_name}",
+                      policy=syscall.refused_by_policy(err))
     return Status(True)
 
 
