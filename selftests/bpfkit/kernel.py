@@ -14,6 +14,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from . import kmsg
+
 # Debian's package version sits after the build number ("#1 SMP PREEMPT_DYNAMIC Debian
 # 6.1.176-1 (...)"); the compiler's own "(Debian 12.2.0-14)" comes before it and must
 # not be mistaken for the kernel's.
@@ -130,27 +132,9 @@ def heap_init_on_alloc() -> bool | None:
             cmdline = f.read()
     except OSError:
         cmdline = ""
-    boot_log = ""
     try:
-        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        fd = None
-    if fd is not None:
-        try:
-            chunks = []
-            while True:
-                try:
-                    record = os.read(fd, 8192)
-                except BlockingIOError:
-                    break
-                except OSError:  # EPIPE: a record overwritten under us; go on
-                    continue
-                if not record:
-                    break
-                chunks.append(record.decode(errors="replace"))
-                if b"mem auto-init:" in record:
-                    break
-            boot_log = "".join(chunks)
-        finally:
-            os.close(fd)
+        with kmsg.KernelLog(from_start=True) as log:
+            boot_log = log.read_new()
+    except OSError:  # not root: no kernel log to read
+        boot_log = ""
     return parse_heap_init_on_alloc(cmdline, boot_log)

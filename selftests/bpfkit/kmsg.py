@@ -54,16 +54,18 @@ def _sequence(record: bytes) -> int:
 class KernelLog:
     """The kernel log from the moment it is opened: `read_new()` returns what was logged since."""
 
-    def __init__(self, path: str = "/dev/kmsg", kernel_only: bool = True) -> None:
-        """Open the log positioned at its end; raises OSError when it cannot be read (not root)."""
+    def __init__(self, path: str = "/dev/kmsg", kernel_only: bool = True,
+                 from_start: bool = False) -> None:
+        """Open the log at its end (or at its oldest record); OSError when unreadable (not root)."""
         self._kernel_only = kernel_only
         self._fd: int | None = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            os.lseek(self._fd, 0, os.SEEK_END)
-        except OSError:
-            os.close(self._fd)
-            self._fd = None
-            raise
+        if not from_start:
+            try:
+                os.lseek(self._fd, 0, os.SEEK_END)
+            except OSError:
+                os.close(self._fd)
+                self._fd = None
+                raise
         self._next_seq: int | None = None
         # Records the ring buffer overwrote before we read them: a splat may
         # have been among them, so a guard should not call such a log clean.
