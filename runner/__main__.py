@@ -2,6 +2,6 @@
 
 import sys
 
-from runner.cli import main
+from runner.commands.cli import main
 
 sys.exit(main())

@@ -67,7 +67,7 @@ class Cache:
 
     @property
     def kvm_verdict(self) -> Path:
-        """A failed KVM probe, remembered so `--accel auto` does not repeat it (runner.accel)."""
+        """A failed KVM probe, remembered so `--accel auto` does not repeat it (runner.stages.accel)."""
         return self.root / "kvm-verdict.json"
 
     @property

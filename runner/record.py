@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from runner import atomic_file
-from runner.artifacts import SUMMARY
 from runner.errors import UsageError
-from runner.results import BootStatus, TestResult, VerdictLabel
+from runner.stages.artifacts import SUMMARY
+from runner.stages.results import BootStatus, TestResult, VerdictLabel
 
 SCHEMA_VERSION = 2
 # Older schemas read() still accepts, each with the step that brings it to the next.

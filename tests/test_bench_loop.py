@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from runner import bench_loop
+from runner.commands import bench_loop
 from runner.errors import UsageError
 
 

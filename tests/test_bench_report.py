@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import bench
+from runner.commands import bench
 from runner.errors import InfrastructureError, UsageError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bench"

@@ -20,14 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from runner import bisect, cli, patches
+from runner.commands import bisect, cli
 from runner.errors import ExitCode, UsageError
+from runner.stages import patches
 
 # The stand-in for pipeline.run, driven by the commit's `behaviour` file.
 STANDIN = textwrap.dedent('''\
     import json, os, shutil, signal, sys, time
     from pathlib import Path
-    from runner import bisect, errors, patches, record
+    from runner import errors, record
+    from runner.commands import bisect
+    from runner.stages import patches
 
     SIGNATURE_TEST = "test_teardown::test_closed_sockets_leave_no_storage_in_the_map"
 
@@ -109,7 +112,7 @@ STANDIN = textwrap.dedent('''\
 HARNESS = textwrap.dedent('''\
     import json, sys
     from pathlib import Path
-    from runner import bisect
+    from runner.commands import bisect
     from runner.interrupts import install_sigterm_handler
 
     install_sigterm_handler()
@@ -580,7 +583,7 @@ def test_a_step_on_an_old_tree_builds_with_the_old_fragment(tmp_path):
 def test_help_inside_a_bisect_stops_git_instead_of_saying_good(tmp_path):
     tree = tmp_path / "tree"
     commits = make_repo(tree, ["pass", "fail"])
-    step = [sys.executable, "-m", "runner.bisect", "--help"]
+    step = [sys.executable, "-m", "runner.commands.bisect", "--help"]
     driver = [sys.executable, "-m", "runner", "bisect", "--help"]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
     for command in (step, driver):

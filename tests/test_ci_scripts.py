@@ -22,7 +22,7 @@ import pytest
 from bpfkit.splats import find_splats
 
 from runner import record
-from runner.results import VerdictLabel
+from runner.stages.results import VerdictLabel
 
 ROOT = Path(__file__).resolve().parent.parent
 CI = ROOT / "ci"
@@ -162,7 +162,7 @@ def test_junit_summary_without_results_says_why(tmp_path):
 
 def test_annotations_are_capped():
     junit = load_script("junit-summary")
-    from runner.results import TestResult
+    from runner.stages.results import TestResult
 
     tests = [TestResult(f"t::test_{i}", "failed", "boom", 0.1) for i in range(25)]
     lines = junit.annotations("x", tests, None, None)

@@ -16,9 +16,10 @@ from types import SimpleNamespace
 import pytest
 from conftest import HIDDEN_CHECKOUT, HIDDEN_CHECKOUT_REASON
 
-from runner import bench, cli, matrix, pipeline, record, regression_verdict, regressions
+from runner import record
+from runner.commands import bench, cli, matrix, pipeline, regression_verdict, regressions
 from runner.errors import ExitCode
-from runner.results import BootStatus
+from runner.stages.results import BootStatus
 
 # The runner refuses a checkout its guests cannot see before anything these tests check.
 pytestmark = pytest.mark.skipif(bool(HIDDEN_CHECKOUT), reason=HIDDEN_CHECKOUT_REASON)

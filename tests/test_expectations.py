@@ -213,7 +213,7 @@ def test_known_bugs_are_strict_expected_failures(tmp_path):
 
 
 def test_the_runner_passes_the_default_series_backports_to_the_guest():
-    from runner import pipeline
+    from runner.commands import pipeline
 
     series = pipeline.patches.load_series(pipeline.DEFAULT_SERIES)
     entries = [{"path": str(entry.path)} for entry in series.entries]

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from runner import debug_kernel, kmemleak, kmemleak_guest, results
 from runner.errors import ExitCode
+from runner.guest import kmemleak_guest
+from runner.stages import debug_kernel, kmemleak, results
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPORT_5_4 = (FIXTURES / "splats" / "kmemleak-report-5.4.log").read_text()
@@ -225,7 +226,7 @@ def test_collect_scans_twice_with_the_console_quiet_and_saves_the_report(tmp_pat
 
 
 def test_parse_re_judges_a_debug_kernel_run_with_its_kmemleak_report(tmp_path, capsys):
-    from runner import reparse
+    from runner.commands import reparse
 
     junit = FIXTURES / "runner" / "junit-guest-6.1.xml"  # 2 passed, 1 skipped
     # A guest may only skip for the kernel's age or config: give the skip its category.

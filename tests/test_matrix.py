@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import matrix, pipeline
+from runner.commands import matrix, pipeline
 from runner.errors import UsageError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "matrix"

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from runner import cli, mutants, pipeline
-from runner.errors import ExitCode, UsageError
-from runner.mutants import (
+from runner.commands import cli, mutants, pipeline
+from runner.commands.mutants import (
     BUILD_ERROR,
     EQUIVALENT,
     ERROR,
@@ -19,6 +18,7 @@ from runner.mutants import (
     Mutant,
     Outcome,
 )
+from runner.errors import ExitCode, UsageError
 
 SK_FILES = {"kernel/bpf/bpf_local_storage.c", "net/core/bpf_sk_storage.c"}
 
@@ -292,8 +292,9 @@ def test_options_that_pick_another_kernel_are_refused():
 def test_slot_series_gets_a_build_directory_apart_from_the_regressions(tmp_path):
     """Same source and fragments, but the slot's name keys another build directory, so a
     regression sweep can never rebuild the kernel a mutant's guest is about to boot."""
-    from runner import build, regressions
-    from runner.patches import load_series
+    from runner.commands import regressions
+    from runner.stages import build
+    from runner.stages.patches import load_series
 
     patch = tmp_path / "m.patch"
     patch.write_text("")

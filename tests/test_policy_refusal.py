@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from runner import results
+from runner.stages import results
 
 REPO = Path(__file__).resolve().parent.parent
 SECCOMP = REPO / "tests" / "seccomp_refuse_prog_load.py"

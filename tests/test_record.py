@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from runner import record, results
+from runner import record
 from runner.errors import ExitCode, UsageError
-from runner.results import BootStatus, VerdictLabel
+from runner.stages import results
+from runner.stages.results import BootStatus, VerdictLabel
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # Real summaries written by schema 1 runners: a failed run, a pass, an early error.

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from runner import build, cli, pipeline, regression_verdict, regressions, results
-from runner.errors import ExitCode, UsageError
-from runner.patches import load_series
-from runner.regression_verdict import (
+from runner.commands import cli, pipeline, regression_verdict, regressions
+from runner.commands.regression_verdict import (
     CAUGHT,
     CAUGHT_CRASH,
     ERROR,
@@ -23,6 +21,9 @@ from runner.regression_verdict import (
     node_id,
     running_test,
 )
+from runner.errors import ExitCode, UsageError
+from runner.stages import build, results
+from runner.stages.patches import load_series
 
 FIXTURES = Path(__file__).parent / "fixtures"
 OOPS = (FIXTURES / "splats" / "oops-null-deref-6.1-qemu.log").read_text()
@@ -298,7 +299,7 @@ def test_options_that_pick_another_kernel_are_refused(tmp_path):
 
 def test_the_subcommand_parses_its_own_and_the_run_options():
     # cli.dispatch builds the subcommand's parser from add_arguments, as here.
-    assert cli.SUBCOMMANDS["regressions"] == "runner.regressions"
+    assert cli.SUBCOMMANDS["regressions"] == "runner.commands.regressions"
     args = parse_regressions_args(["--only", "05", "--debug-kernel"])
     assert args.only == "05" and args.debug_kernel
     assert cli.options_from_args(args, []).debug_kernel

@@ -28,8 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from runner import cli, pipeline, remote, remote_transfer, results, ssh
+from runner.commands import cli, pipeline
 from runner.errors import ExitCode, RunnerError
+from runner.stages import results
+from runner.targets import remote, remote_transfer, ssh
 
 REPO = Path(__file__).resolve().parent.parent
 SUITE = REPO / "selftests"
@@ -602,13 +604,13 @@ def wait_for_status(workdir: Path) -> dict:
 # --- the command line ------------------------------------------------------------------------
 
 WIRED = "--target" in cli.build_parser().format_help()
-NOT_WIRED = "run-selftests has no --target yet (runner/cli.py wiring pending)"
+NOT_WIRED = "run-selftests has no --target yet (runner/commands/cli.py wiring pending)"
 
 
 def run_selftests(*args: str, home: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
     env["HOME"] = str(home)
-    return subprocess.run([sys.executable, "-m", "runner.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "runner.commands.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600, check=False)
 
 

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from bpfkit import kmsg
 
-from runner import remote_bundle, remote_driver
 from runner.errors import UsageError
+from runner.guest import remote_driver
+from runner.targets import remote_bundle
 
 GUEST_SUITE = Path(__file__).parent / "fixtures" / "runner" / "guest-suite"
 KMSG_RECORDS = Path(__file__).parent / "fixtures" / "splats" / "kmsg-records.hex"

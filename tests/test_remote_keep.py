@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from runner import keep, pipeline, remote, ssh
-from runner.accel import AccelPlan
 from runner.cache import default_cache_dir, open_cache
+from runner.commands import pipeline
 from runner.errors import ExitCode, UsageError
 from runner.preflight import find_tool
+from runner.stages.accel import AccelPlan
+from runner.targets import keep, remote, ssh
 
 SPLAT_SUITE = Path(__file__).parent / "fixtures" / "ssh" / "splat-suite"
 KERNEL_IMAGE = Path(os.environ.get(

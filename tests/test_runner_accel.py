@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from runner import accel
 from runner.errors import ExitCode, UsageError
+from runner.stages import accel
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runner"
 # QEMU under KVM on this host: the real-mode setup prints, then nothing.

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from runner import accel, boot
 from runner.errors import InfrastructureError
+from runner.stages import accel, boot
 
 STANDIN = textwrap.dedent("""\
     import os, subprocess, sys, time
@@ -243,7 +243,7 @@ def test_a_wedged_kernel_ends_the_run_and_names_the_running_test(standin, tmp_pa
     assert "self-detected stall" in (out / "console.log").read_text()
     assert all(not alive(pid) for pid in qemu_pids(tmp_path))
 
-    from runner.pipeline import judge_output_dir
+    from runner.commands.pipeline import judge_output_dir
 
     verdict = judge_output_dir(out, outcome.status)[0]
     assert verdict.exit_code == 3
@@ -307,7 +307,7 @@ def test_interrupting_the_runner_kills_the_whole_guest(tmp_path):
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""\
         from pathlib import Path
-        from runner import accel, boot
+        from runner.stages import accel, boot
         out = Path({str(tmp_path / 'out')!r}); out.mkdir()
         boot.run_guest(Path("/k"), out, "echo guest-started; sleep 300", accel.AccelPlan("tcg", None, "t"),
                        out / "console.log", vng={str(script)!r},

@@ -43,7 +43,7 @@ def start_in_background() -> None:
     # A file, not a pipe nobody reads while tests run; stop_background() closes it.
     log = open(work / "runner.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runner.cli", "--distro-kernel", "6.1", "--suite",
+        [sys.executable, "-m", "runner.commands.cli", "--distro-kernel", "6.1", "--suite",
          str(GUEST_SUITE), "-k", "root or release or skipped or deliberate",
          # One vCPU: the rest of the project's tests keep a core meanwhile.
          "--cpus", "1", "--timeout", "600", "--output", str(work / "run")],

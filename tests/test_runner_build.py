@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from runner import build
 from runner.cache import Cache
 from runner.errors import BuildError, ExitCode, InfrastructureError
-from runner.patches import load_series
+from runner.stages import build
+from runner.stages.patches import load_series
 
 
 def series_in(directory: Path, *names: str):
@@ -207,7 +207,7 @@ def test_a_full_disk_is_an_infrastructure_error(tmp_path):
 DRIVER = """
 import sys
 from pathlib import Path
-from runner import build
+from runner.stages import build
 from runner.cache import Cache
 from runner.interrupts import install_sigterm_handler
 install_sigterm_handler()

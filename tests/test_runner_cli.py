@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import HIDDEN_CHECKOUT, HIDDEN_CHECKOUT_REASON
 
-from runner import build, cli, pipeline
 from runner.cache import Cache, default_cache_dir
+from runner.commands import cli, pipeline
 from runner.errors import (
     BuildError,
     ConfigError,
@@ -23,7 +23,8 @@ from runner.errors import (
     PatchError,
     UsageError,
 )
-from runner.patches import load_series
+from runner.stages import build
+from runner.stages.patches import load_series
 
 # The runner refuses a checkout its guests cannot see before anything these tests check.
 pytestmark = pytest.mark.skipif(bool(HIDDEN_CHECKOUT), reason=HIDDEN_CHECKOUT_REASON)
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def run_selftests(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "runner.cli", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "runner.commands.cli", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=600, check=False)
 
 
@@ -172,8 +173,8 @@ def test_a_checkout_under_var_tmp_is_refused_in_under_a_second(work):
     started = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-c",
-         (f"import sys, runner.cli; sys.prefix = {str(fake_prefix)!r}; "
-          "sys.exit(runner.cli.main())"), "--cache-dir", str(work / "cache")],
+         (f"import sys, runner.commands.cli; sys.prefix = {str(fake_prefix)!r}; "
+          "sys.exit(runner.commands.cli.main())"), "--cache-dir", str(work / "cache")],
         cwd=work, capture_output=True, text=True, timeout=60, check=False)
     elapsed = time.monotonic() - started
     assert_one_line_error(proc, ExitCode.USAGE,

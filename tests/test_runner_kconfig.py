@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from runner import kconfig
 from runner.errors import ConfigError, ExitCode, UsageError
+from runner.stages import kconfig
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runner"
 REPO = Path(__file__).resolve().parent.parent

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from runner import patches
 from runner.errors import ExitCode, PatchError, UsageError
-from runner.source import KernelSource
+from runner.stages import patches
+from runner.stages.source import KernelSource
 
 # --- helpers ---------------------------------------------------------------------------
 
@@ -375,9 +375,9 @@ def test_commit_ids_need_a_git_tree(tmp_path, patch_dir):
 HOLDER = """
 import sys, time
 from pathlib import Path
-from runner import patches
+from runner.stages import patches
 from runner.interrupts import install_sigterm_handler
-from runner.source import KernelSource
+from runner.stages.source import KernelSource
 install_sigterm_handler()
 tree = KernelSource(Path(sys.argv[1]), sys.argv[2] == "git", "t", "6.1")
 series = patches.load_series(Path(sys.argv[3]))
@@ -462,8 +462,8 @@ def test_unchanged_patched_files_get_their_built_mtime_back(tmp_path):
 WAITER = """
 import sys
 from pathlib import Path
-from runner import patches
-from runner.source import KernelSource
+from runner.stages import patches
+from runner.stages.source import KernelSource
 tree = KernelSource(Path(sys.argv[1]), sys.argv[2] == "git", "t", "6.1")
 with patches.series_applied(tree, None, Path(sys.argv[3]), log=lambda m: print(m, flush=True)):
     print("got the tree", open(sys.argv[4]).read().count("patched"), flush=True)

@@ -10,10 +10,10 @@ from typing import Callable
 
 import pytest
 
-from runner import debian_archive, prebuilt
 from runner.cache import Cache, default_cache_dir
 from runner.errors import ExitCode, InfrastructureError, UsageError
 from runner.preflight import find_tool
+from runner.stages import debian_archive, prebuilt
 
 
 def fake_bzimage(path: Path, version: str = "6.1.0-test (me@host) #1 SMP") -> Path:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from runner import pipeline, results
+from runner.commands import pipeline
 from runner.errors import ExitCode
+from runner.stages import results
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runner"
 
@@ -180,7 +181,7 @@ def test_a_saved_run_with_garbled_junit_is_a_crash(tmp_path):
 
 def test_the_parse_subcommand_rejudges_a_saved_run(tmp_path):
     out = write_run(tmp_path / "run", GUEST_JUNIT, "0\n", CLEAN_CONSOLE)
-    proc = subprocess.run([sys.executable, "-m", "runner.cli", "parse", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "runner.commands.cli", "parse", str(out)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "SKIP  check_guest::test_skipped_with_a_reason" in proc.stdout
@@ -190,7 +191,7 @@ def test_the_parse_subcommand_rejudges_a_saved_run(tmp_path):
 
 def test_parse_of_a_real_guest_run_with_an_uncategorized_skip_fails(tmp_path):
     out = write_run(tmp_path / "run", GUEST_JUNIT_UNCATEGORIZED, "0\n", CLEAN_CONSOLE)
-    proc = subprocess.run([sys.executable, "-m", "runner.cli", "parse", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "runner.commands.cli", "parse", str(out)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == ExitCode.TEST_FAILURE, proc.stdout + proc.stderr
     assert proc.stdout.rstrip().splitlines()[-1] == (

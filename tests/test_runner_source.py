@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from runner import source
 from runner.cache import Cache
 from runner.errors import ExitCode, UsageError
+from runner.stages import source
 
 
 def kernel_like(root: Path, sublevel: int = 192) -> Path:

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from runner import pipeline, record, results
+from runner import record
+from runner.commands import pipeline
 from runner.errors import ExitCode
+from runner.stages import results
 
 FIXTURES = Path(__file__).parent / "fixtures" / "runner"
 
@@ -202,7 +204,7 @@ ENVIRONMENT_SKIP = [results.TestResult("m::ok", "passed", "", 0),
 ])
 def test_parse_rejudges_with_the_rule_of_the_runs_target(tmp_path, summary, expected):
     out = saved_run(tmp_path / "run", ENVIRONMENT_SKIP, summary)
-    proc = subprocess.run([sys.executable, "-m", "runner.cli", "parse", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "runner.commands.cli", "parse", str(out)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == expected, proc.stdout + proc.stderr
     assert "1 x [environment] policy refused BPF_PROG_TYPE_TRACING" in proc.stdout

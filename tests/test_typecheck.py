@@ -29,7 +29,7 @@ def test_runner_and_bpfkit_type_check(tmp_path):
 def test_the_configuration_catches_a_type_error(tmp_path):
     # The same configuration on a file with a real error must fail, naming it.
     bad = tmp_path / "bad.py"
-    bad.write_text("from runner.results import VerdictLabel\n"
+    bad.write_text("from runner.stages.results import VerdictLabel\n"
                    "label: VerdictLabel = 'pass'\n")
     proc = mypy(str(bad), cache=tmp_path / "cache")
     assert proc.returncode == 1

@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 import paramiko
 
-from runner import ssh
 from runner.errors import InfrastructureError
+from runner.targets import ssh
 
 SFTP = "sftp"
 EXEC = "exec"

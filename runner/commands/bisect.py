@@ -4,7 +4,7 @@ The driver checks the user's tree, tests --good and --bad first (the good one
 must pass, the bad one must fail the selected tests, and that failure's
 signature, the failing test names, is what the bisect looks for), then lets
 `git bisect run` call one step per commit: this module run as
-`python -m runner.bisect` (or ci/bisect, the same step for people who call
+`python -m runner.commands.bisect` (or ci/bisect, the same step for people who call
 `git bisect run` by hand).  A step is an ordinary run of the pipeline in the
 user's tree, so every commit builds incrementally in the one build directory
 of that tree, with --series applied on top and removed again by the pipeline.
@@ -50,12 +50,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from runner import artifacts, atomic_file, cli, patches, pipeline, process_group, source
+from runner import atomic_file, process_group
 from runner.cache import open_cache
+from runner.commands import cli, pipeline
 from runner.errors import ExitCode, Interrupted, RunnerError, UsageError
 from runner.interrupts import install_sigterm_handler
 from runner.record import RecordError, RunRecord, read_if_present
-from runner.source import git
+from runner.stages import artifacts, patches, source
+from runner.stages.source import git
 
 GOOD, BAD, SKIP, ABORT = "good", "bad", "skip", "abort"
 # Not a step label: a run that says nothing about the commit and is repeated.
@@ -88,7 +90,7 @@ REJECTED_OPTIONS = {"kernel_image": "--kernel-image", "modules": "--modules",
                     "distro_kernel": "--distro-kernel", "base": "--base", "shell": "--shell"}
 DEFAULT_RETRIES = 2
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # runner/<package>/<module>.py
 # (first version that does not need it, fragment): kconfig/sk-storage.config is
 # written for current kernels; older trees get a fragment adapting it, so a
 # 5.10-era commit builds instead of being skipped for a symbol it cannot have.
@@ -313,7 +315,7 @@ def built_vmlinux(summary: RunRecord) -> Path | None:
     root = (summary.kernel or {}).get("build_dir")
     if not root:
         return None
-    from runner import build
+    from runner.stages import build
 
     return build.BuildDir(Path(root), "").obj / "vmlinux"
 
@@ -823,7 +825,7 @@ def report(tree: Path, result: BisectResult, bad: str, log: Callable[[str], None
 
 def step_command(step_argv: Sequence[str]) -> list[str]:
     """This module as the step, under the interpreter running now."""
-    return [sys.executable, "-m", "runner.bisect", *step_argv]
+    return [sys.executable, "-m", "runner.commands.bisect", *step_argv]
 
 
 def default_output() -> Path:

@@ -1,7 +1,7 @@
 """`--debug-kernel`: build with kconfig/debug.config and judge kmemleak's report after the suite.
 
 The fragment joins the build's fragment set, and fragments are part of the
-build-directory key (runner.build), so the debug kernel gets its own build
+build-directory key (runner.stages.build), so the debug kernel gets its own build
 directory and the normal one stays warm.  In the guest, kmemleak_guest.py
 clears kmemleak before pytest and scans twice after it; here the saved
 report is split: a leak whose allocation backtrace passes through BPF local
@@ -18,10 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
-from runner import kmemleak, kmemleak_guest, results
 from runner.errors import ExitCode
+from runner.guest import kmemleak_guest
+from runner.stages import kmemleak, results
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # runner/<package>/<module>.py
 DEBUG_FRAGMENT = REPO_ROOT / "kconfig" / "debug.config"
 GUEST_SCRIPT = Path(kmemleak_guest.__file__).resolve()
 # Verdicts a kmemleak finding may replace: a leak is a kernel splat, which

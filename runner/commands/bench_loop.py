@@ -33,7 +33,7 @@ from runner.cache import open_cache
 from runner.errors import UsageError
 from runner.progress import format_timings
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # runner/<package>/<module>.py
 EDITED_FILE = Path("net/core/bpf_sk_storage.c")
 LOOPS = ("warm", "edit", "checkout", "pytest")
 # The targets of issue 13, in seconds (2 cores, TCG, default kernel).
@@ -104,7 +104,7 @@ class LoopBench:
     def run_selftests(self, label: str, checkout: Path, options: Sequence[str] = ()) -> dict:
         """One `run-selftests` from `checkout`; its wall time and summary.json."""
         run_dir = self.out / f"{label}-{len(self.samples):02d}"
-        command = [sys.executable, "-m", "runner.cli", "--output", str(run_dir), *self.extra,
+        command = [sys.executable, "-m", "runner.commands.cli", "--output", str(run_dir), *self.extra,
                    *options]
         env = dict(os.environ)
         # A second checkout must run its own runner, not the installed one.

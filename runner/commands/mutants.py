@@ -40,10 +40,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner import artifacts, pipeline, regressions
 from runner.cache import open_cache
+from runner.commands import pipeline, regressions
 from runner.errors import ExitCode, Interrupted, UsageError
-from runner.patches import load_series, tree_lock
+from runner.stages import artifacts
+from runner.stages.patches import load_series, tree_lock
 
 CATALOGUE = pipeline.REPO_ROOT / "kernel_patches" / "mutants" / "catalogue.json"
 MUTANTS_MD = "mutants.md"
@@ -492,7 +493,7 @@ def equivalent_outcome(mutant: Mutant) -> Outcome:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """--only, --catalogue, --from-diff, --list, --from-dir, plus a normal run's options."""
-    from runner import cli
+    from runner.commands import cli
 
     parser.add_argument("--only", metavar="ID[,ID...]", help="run only these catalogue mutants")
     parser.add_argument("--catalogue", type=Path, default=CATALOGUE, metavar="FILE",
@@ -538,14 +539,14 @@ def prepare_slot_series(directory: Path, default_series: Path, patch: Path) -> P
 
 
 def _source_lock(cache, src_path: Path) -> Path:
-    # The lock the pipeline holds while the tree is patched (runner.pipeline / patches).
+    # The lock the pipeline holds while the tree is patched (runner.commands.pipeline / patches).
     journal = cache.root / "restore" / hashlib.sha256(str(src_path).encode()).hexdigest()[:16]
     return journal.with_name(journal.name + ".lock")
 
 
 def prepare(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[list[Mutant], dict]:
     """The mutants to run and their patches {id: text}; equivalent ones get no patch."""
-    from runner import source
+    from runner.stages import source
 
     if args.from_diff is not None and not args.from_diff.is_file():
         raise UsageError(f"--from-diff: {args.from_diff} is not a file")
@@ -651,7 +652,7 @@ def baseline(args: argparse.Namespace, out: Path, log: Callable[[str], None]) ->
     """
     target = out / BASELINE
     log(f"mutants: the unmutated kernel first; log: {target / regressions.RUN_LOG}")
-    from runner import cli
+    from runner.commands import cli
 
     reproducer = (["-k", args.keyword] if args.keyword else []) + (
         ["-m", args.markers] if args.markers else [])
@@ -684,6 +685,6 @@ def run(args: argparse.Namespace) -> int:
 if __name__ == "__main__":
     import sys
 
-    from runner import cli as _cli
+    from runner.commands import cli as _cli
 
     sys.exit(_cli.main(["mutants", *sys.argv[1:]]))

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from runner import debian_archive
 from runner.cache import Cache
 from runner.errors import InfrastructureError, UsageError
 from runner.preflight import find_tool
+from runner.stages import debian_archive
 
 # Which Debian suite ships which kernel series as its linux-image-amd64.
 DISTRO_SUITES = {"5.10": "bullseye", "6.1": "bookworm", "6.12": "trixie", "7.2": "sid"}

@@ -19,27 +19,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from runner import (
+from runner import preflight, progress, record
+from runner.cache import Cache, open_cache
+from runner.errors import ExitCode, Interrupted, RunnerError, UsageError, machine_state_error
+from runner.stages import (
     accel,
     artifacts,
     boot,
     build,
     debug_kernel,
     kconfig,
-    keep,
     patches,
     prebuilt,
-    preflight,
-    progress,
-    record,
-    remote,
     results,
     source,
 )
-from runner.cache import Cache, open_cache
-from runner.errors import ExitCode, Interrupted, RunnerError, UsageError, machine_state_error
+from runner.targets import keep, remote
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # runner/<package>/<module>.py
 DEFAULT_SUITE = REPO_ROOT / "selftests"
 DEFAULT_SERIES = REPO_ROOT / "kernel_patches" / "series"
 DEFAULT_FRAGMENTS = (REPO_ROOT / "kconfig" / "sk-storage.config",)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from runner.cache import Cache
 from runner.errors import BuildError, InfrastructureError
-from runner.patches import Series
 from runner.progress import StatusLine, format_elapsed
+from runner.stages.patches import Series
 
 BZIMAGE = Path("arch/x86/boot/bzImage")
 

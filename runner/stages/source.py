@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, cast
 
-from runner import atomic_file, debian_archive
+from runner import atomic_file
 from runner.cache import Cache
 from runner.errors import InfrastructureError, UsageError
 from runner.progress import StatusLine, format_elapsed
+from runner.stages import debian_archive
 
 DEFAULT_PACKAGE = "linux-source-6.1"
 DEFAULT_SUITE = "bookworm"

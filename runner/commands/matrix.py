@@ -1,6 +1,6 @@
 """`run-selftests matrix`: the suite on several kernels, one table of test x kernel.
 
-Every kernel goes through the normal pipeline (runner.pipeline.run) into its own
+Every kernel goes through the normal pipeline (runner.commands.pipeline.run) into its own
 subdirectory of the output directory; the table is then built only from those
 directories' summary.json (or junit.xml), so `--from-dir DIR` rebuilds it offline.
 Cells: pass, FAIL/ERROR with the message, skip with its reason, "-" when the kernel's
@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from runner import artifacts, boot, pipeline, preflight, record, results
+from runner import preflight, record
+from runner.commands import pipeline
 from runner.errors import ExitCode, UsageError
 from runner.markdown import cell
+from runner.stages import artifacts, boot, results
 
 DEFAULT_KERNELS = "distro:5.10,distro:6.1,distro:6.12,distro:7.2"
 KINDS = ("distro", "build", "image")
@@ -265,7 +267,7 @@ def run_kernel(options: pipeline.RunOptions, spec: KernelSpec, out: Path,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """--kernels (or --from-dir) plus the guest/test/file options of a normal run."""
-    from runner import cli  # cli dispatches here; importing it at call time avoids a cycle
+    from runner.commands import cli  # cli dispatches here; importing it at call time avoids a cycle
 
     parser.add_argument("--kernels", default=DEFAULT_KERNELS, metavar="SPEC[,SPEC...]",
                         help="kernels to run the suite on: distro:VERSION, build:DIR, "
@@ -289,7 +291,7 @@ def _reject_single_kernel_options(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     """Run every kernel (or re-read them), write the tables; 0 only when every kernel passed,
     else the code results.overall_exit_code picks from the kernels' own verdicts."""
-    from runner import cli
+    from runner.commands import cli
 
     if args.from_dir is not None:
         saved = json.loads((args.from_dir / MATRIX_JSON).read_text())

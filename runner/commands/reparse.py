@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from runner import debug_kernel, pipeline, record
+from runner import record
+from runner.commands import pipeline
 from runner.errors import UsageError
-from runner.results import BootStatus
+from runner.stages import debug_kernel
+from runner.stages.results import BootStatus
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -27,12 +27,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from runner import atomic_file, boot, process_group, ssh
-from runner.accel import AccelPlan, judge_kvm
-from runner.artifacts import CONSOLE_LOG
+from runner import atomic_file, process_group
 from runner.cache import Cache
 from runner.errors import InfrastructureError, UsageError
 from runner.preflight import Requirement
+from runner.stages import boot
+from runner.stages.accel import AccelPlan, judge_kvm
+from runner.stages.artifacts import CONSOLE_LOG
+from runner.targets import ssh
 
 GUEST_DIR = "kept-guest"
 RECORD = "guest.json"

@@ -1,6 +1,6 @@
 """`run-selftests`: argument parsing, subcommand dispatch, errors mapped to exit codes.
 
-With no subcommand it runs the pipeline (runner.pipeline).  A subcommand is
+With no subcommand it runs the pipeline (runner.commands.pipeline).  A subcommand is
 a module named in SUBCOMMANDS that provides `add_arguments(parser)` and
 `main(args) -> int`; later commands (bisect, bench, matrix, regressions)
 register there and reuse add_run_arguments/options_from_args for the
@@ -16,8 +16,8 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from runner import keep, pipeline, remote
 from runner.cache import CACHE_DIR_ENV
+from runner.commands import pipeline
 from runner.errors import (
     ExitCode,
     Interrupted,
@@ -26,17 +26,18 @@ from runner.errors import (
     machine_state_error,
 )
 from runner.interrupts import install_sigterm_handler
-from runner.prebuilt import DISTRO_SUITES
+from runner.stages.prebuilt import DISTRO_SUITES
+from runner.targets import keep, remote
 
 # name -> module providing add_arguments(parser) and main(args) -> int.
 SUBCOMMANDS = {
-    "parse": "runner.reparse",
-    "regressions": "runner.regressions",
-    "mutants": "runner.mutants",
-    "bisect": "runner.bisect",
-    "bench": "runner.bench",
-    "bench-loop": "runner.bench_loop",
-    "matrix": "runner.matrix",
+    "parse": "runner.commands.reparse",
+    "regressions": "runner.commands.regressions",
+    "mutants": "runner.commands.mutants",
+    "bisect": "runner.commands.bisect",
+    "bench": "runner.commands.bench",
+    "bench-loop": "runner.commands.bench_loop",
+    "matrix": "runner.commands.matrix",
 }
 
 EPILOG = f"""\

@@ -1,6 +1,6 @@
 """Runs on the SSH target (as root), never on the host: unpack, run pytest, collect the kernel log.
 
-runner.remote copies this file next to a bundle (the suite, plus pytest when the
+runner.targets.remote copies this file next to a bundle (the suite, plus pytest when the
 target lacks it) and starts it with one command, so a run costs a single remote
 shell.  Standard library only, Python 3.9+: it runs with whatever python3 the
 target has.

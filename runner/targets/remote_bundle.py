@@ -26,7 +26,7 @@ from packaging.utils import canonicalize_name
 
 from runner.errors import UsageError
 
-SITE_ZIP = "site-packages.zip"  # runner.remote_driver.SITE_ZIP: what the driver puts on PYTHONPATH
+SITE_ZIP = "site-packages.zip"  # runner.guest.remote_driver.SITE_ZIP: what the driver puts on PYTHONPATH
 SKIPPED_DIRS = {"__pycache__", ".pytest_cache"}
 COMPILED_SUFFIXES = (".so", ".pyd", ".dylib")
 INSTALL_HINT = "install pytest on the target (python3 -m pip install pytest, or apt install " \

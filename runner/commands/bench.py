@@ -21,9 +21,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable
 
-from runner import accel, artifacts, boot, pipeline, prebuilt, preflight, record, results, source
+from runner import preflight, record
 from runner.cache import open_cache
+from runner.commands import pipeline
 from runner.errors import ExitCode, InfrastructureError, RunnerError, UsageError
+from runner.stages import accel, artifacts, boot, prebuilt, results, source
 
 BENCH_JSON = "bench.json"
 BENCH_EXIT_FILE = "bench-exitcode"
@@ -47,7 +49,7 @@ class BenchFailed(RunnerError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The kernel/boot options of a normal run plus the benchmark's own."""
-    from runner import cli  # cli dispatches here; importing it at call time avoids a cycle
+    from runner.commands import cli  # cli dispatches here; importing it at call time avoids a cycle
 
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--host", action="store_true",
@@ -341,7 +343,7 @@ def _validate(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace, argv: Sequence[str] | None = None,
          log: Callable[[str], None] = print) -> int:
     """Run the benchmark (host or guest), then print its tables; exit code per ExitCode."""
-    from runner import cli
+    from runner.commands import cli
 
     if args.from_json is not None:
         try:

@@ -9,7 +9,7 @@ package.  Everything goes into files in the writable output directory, never
 onto the console: the report itself is kmemleak.txt, and the console log
 level is lowered while scanning so the kernel's "N new suspected memory
 leaks" line does not reach the console, where the host's splat scan would
-fail the run for any leak.  The host decides instead (runner.debug_kernel):
+fail the run for any leak.  The host decides instead (runner.stages.debug_kernel):
 leaks through BPF local storage fail the run, others are only reported.
 What the kernel logged during the scan is kept in kmemleak-dmesg.txt, so a
 real splat in that window is still seen.

@@ -33,7 +33,7 @@ class _Label(str, enum.Enum):
 
 
 class BootStatus(_Label):
-    """How the guest (or SSH target) run ended, as runner.boot and runner.remote report it."""
+    """How the guest (or SSH target) run ended, as runner.stages.boot and runner.targets.remote report it."""
 
     EXITED = "exited"
     TIMEOUT = "timeout"
@@ -58,7 +58,7 @@ class VerdictLabel(_Label):
     NO_TESTS = "no tests"
     PYTEST_USAGE_ERROR = "pytest usage error"
     INFRASTRUCTURE = "infrastructure"
-    # A run that ended before its verdict (runner.pipeline.record_early_end).
+    # A run that ended before its verdict (runner.commands.pipeline.record_early_end).
     ERROR = "error"
     INTERRUPTED = "interrupted"
     RUNNER_BUG = "runner bug"
@@ -268,7 +268,7 @@ def judge(
         line = getattr(first, "line", "?")
         more = f" (+{len(splats) - 1} more)" if len(splats) > 1 else ""
         # A wedged guest ends the run mid-test: say which test it was in.
-        from runner.regression_verdict import running_test
+        from runner.commands.regression_verdict import running_test
 
         running = running_test(console.splitlines(), line) if isinstance(line, int) else None
         during = f" during {running}" if running else ""

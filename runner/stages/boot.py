@@ -25,10 +25,10 @@ from typing import Callable, TextIO
 
 import pexpect
 
-from runner.accel import KERNEL_BANNER, AccelPlan, judge_kvm
+from runner.commands.regression_verdict import console_progress
 from runner.errors import InfrastructureError, UsageError
 from runner.preflight import find_tool
-from runner.regression_verdict import console_progress
+from runner.stages.accel import KERNEL_BANNER, AccelPlan, judge_kvm
 
 PYTEST_EXIT_FILE = "pytest-exitcode"
 GUEST_RELEASE_FILE = "guest-kernel-release"

@@ -1,8 +1,8 @@
 """`--target ssh://[user@]host[:port]`: run the suite on another machine and bring the results home.
 
 A run costs a probe (python3, pytest, uid, sudo, a fresh temporary directory),
-a push and a fetch (runner.remote_transfer: SFTP, or the exec channel when the
-target's server has no SFTP), and the driver (runner.remote_driver), which
+a push and a fetch (runner.targets.remote_transfer: SFTP, or the exec channel when the
+target's server has no SFTP), and the driver (runner.guest.remote_driver), which
 unpacks the bundle, runs pytest as root and reads the kernel log from the
 moment the run started.  Output streams back live; the pytest exit status
 travels on the SSH exit-status channel and in status.json, never parsed from
@@ -29,10 +29,12 @@ from typing import TextIO
 
 import paramiko
 
-from runner import artifacts, boot, keep, remote_bundle, remote_driver, remote_transfer, ssh
 from runner.cache import Cache
 from runner.errors import InfrastructureError, UsageError
-from runner.results import BootStatus
+from runner.guest import remote_driver
+from runner.stages import artifacts, boot
+from runner.stages.results import BootStatus
+from runner.targets import keep, remote_bundle, remote_transfer, ssh
 
 MIN_PYTHON = (3, 9)
 PROBE_TIMEOUT = 120.0
@@ -118,7 +120,7 @@ class TargetFacts:
 
 @dataclass
 class TargetOutcome:
-    """How the remote run ended, in the shape of runner.boot.BootOutcome's status values."""
+    """How the remote run ended, in the shape of runner.stages.boot.BootOutcome's status values."""
 
     status: BootStatus  # EXITED, TIMEOUT or STALLED
     detail: str

@@ -33,7 +33,7 @@ from typing import Callable
 from runner import atomic_file, file_lock
 from runner.errors import PatchError, UsageError
 from runner.interrupts import signals_deferred
-from runner.source import KernelSource, git
+from runner.stages.source import KernelSource, git
 
 COMMIT_ID = re.compile(r"^[0-9a-fA-F]{7,40}$")
 

@@ -4,7 +4,7 @@ For each entry of kernel_patches/regressions/manifest.json: the default
 source with the default series plus that one regression patch, built,
 booted, the suite run (the manifest's runner_args, e.g. --cpus 1, on top of
 the command line's options), and the result compared with the entry's
-expected failing tests (runner.regression_verdict).  Each regression's run
+expected failing tests (runner.commands.regression_verdict).  Each regression's run
 is a normal pipeline run into <output>/<id>/; the table goes to the terminal
 and to regressions.md and regressions.json.
 
@@ -37,21 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from runner import (
-    artifacts,
-    atomic_file,
-    file_lock,
-    pipeline,
-    preflight,
-    record,
-    regression_verdict,
-    results,
-)
+from runner import atomic_file, file_lock, preflight, record
 from runner.cache import Cache, open_cache
+from runner.commands import pipeline, regression_verdict
+from runner.commands.pipeline import RUN_LOG
 from runner.errors import ExitCode, Interrupted, UsageError
-from runner.patches import load_series
-from runner.pipeline import RUN_LOG
-from runner.results import BootStatus, VerdictLabel
+from runner.stages import artifacts, results
+from runner.stages.patches import load_series
+from runner.stages.results import BootStatus, VerdictLabel
 
 MANIFEST = pipeline.REPO_ROOT / "kernel_patches" / "regressions" / "manifest.json"
 SLOT = "regression.patch"
@@ -191,7 +184,7 @@ def sweep_lock(directory: Path, log: Callable[[str], None]) -> Iterator[None]:
 def options_for(args: argparse.Namespace, regression: Regression, series: Path,
                 out: Path) -> pipeline.RunOptions:
     """The command line's run options, the entry's runner_args on top, the slot series."""
-    from runner import cli  # cli dispatches here; importing it at call time avoids a cycle
+    from runner.commands import cli  # cli dispatches here; importing it at call time avoids a cycle
 
     parser = argparse.ArgumentParser(prog=f"manifest runner_args of {regression.id}",
                                      add_help=False)
@@ -269,7 +262,7 @@ def outcome_from_dir(regression: Regression, out: Path, seconds: float | None = 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """--only, --manifest, --from-dir, plus the kernel/guest/test options of a normal run."""
-    from runner import cli
+    from runner.commands import cli
 
     parser.add_argument("--only", metavar="ID[,ID...]",
                         help="run only these regressions (manifest ids or patch numbers "
@@ -324,7 +317,7 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     if not pipeline.DEFAULT_SERIES.exists():
         raise UsageError(f"the default series {pipeline.DEFAULT_SERIES} is missing")
     # Every regression's run would refuse a hidden path; refuse it once, before any directory.
-    from runner import cli
+    from runner.commands import cli
 
     preflight.check_guest_visible(pipeline.guest_paths(cli.options_from_args(args, [])))
     out = artifacts.prepare_output_dir(args.output)
@@ -366,9 +359,9 @@ def _finish(out: Path, outcomes: Sequence[regression_verdict.Outcome], title: st
 
 
 if __name__ == "__main__":
-    # python -m runner.regressions [options] == run-selftests regressions [options]
+    # python -m runner.commands.regressions [options] == run-selftests regressions [options]
     import sys
 
-    from runner import cli as _cli
+    from runner.commands import cli as _cli
 
     sys.exit(_cli.main(["regressions", *sys.argv[1:]]))
