@@ -1,6 +1,13 @@
 """Session-wide set-up for the project's own tests."""
 
 import signal
+from pathlib import Path
+
+# tests/ mirrors the tree (tests/runner/stages/..., tests/bpfkit/...); test modules
+# find the shared fixtures and the checkout through these, whatever their depth.
+TESTS = Path(__file__).resolve().parent
+FIXTURES = TESTS / "fixtures"
+REPO = TESTS.parent
 
 # Tests interrupt real runner processes with SIGINT.  A shell without job
 # control (nohup, `cmd &` in a script, some CI launchers) starts us with SIGINT

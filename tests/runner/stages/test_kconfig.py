@@ -6,12 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TESTS
 
 from runner.errors import ConfigError, ExitCode, UsageError
 from runner.stages import kconfig
 
-FIXTURES = Path(__file__).parent / "fixtures" / "runner"
-REPO = Path(__file__).resolve().parent.parent
+FIXTURES = TESTS / "fixtures" / "runner"
 REAL_CONFIG = (FIXTURES / "config-6.1-excerpt").read_text()
 
 

@@ -13,11 +13,11 @@ import os
 import struct
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO
 
-SELFTESTS = Path(__file__).resolve().parent.parent / "selftests"
+SELFTESTS = REPO / "selftests"
 if str(SELFTESTS) not in sys.path:
     sys.path.insert(0, str(SELFTESTS))
 

@@ -8,12 +8,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import TESTS
 
 from runner.commands import pipeline
 from runner.errors import ExitCode
 from runner.stages import results
 
-FIXTURES = Path(__file__).parent / "fixtures" / "runner"
+FIXTURES = TESTS / "fixtures" / "runner"
 
 
 @pytest.fixture(scope="module")

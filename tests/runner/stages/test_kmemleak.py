@@ -6,12 +6,13 @@ import argparse
 from pathlib import Path
 
 import pytest
+from conftest import TESTS
 
 from runner.errors import ExitCode
 from runner.guest import kmemleak_guest
 from runner.stages import debug_kernel, kmemleak, results
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = TESTS / "fixtures"
 REPORT_5_4 = (FIXTURES / "splats" / "kmemleak-report-5.4.log").read_text()
 # From this project's 6.1 debug kernel with elements leaked at socket destruction.
 REPORT_SELEM = (FIXTURES / "kmemleak" / "kmemleak-bpf-selem-6.1-debug.log").read_text()

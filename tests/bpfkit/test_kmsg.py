@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 from bpfkit.kmsg import KernelLog, format_record
 from bpfkit.splats import find_splats
+from conftest import TESTS
 
 RECORDS = [
     bytes.fromhex(line)
-    for line in (Path(__file__).parent / "fixtures" / "splats" / "kmsg-records.hex").read_text()
+    for line in (TESTS / "fixtures" / "splats" / "kmsg-records.hex").read_text()
     .splitlines()
     if line and not line.startswith("#")
 ]

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from bpfkit.splats import MAX_EXCERPT_LINES, Splat, describe, find_splats
+from conftest import TESTS
 
-FIXTURES = Path(__file__).parent / "fixtures" / "splats"
+FIXTURES = TESTS / "fixtures" / "splats"
 
 # Every fixture and exactly the reports it holds: (kind, 0-based trigger line).
 EXPECTED = {

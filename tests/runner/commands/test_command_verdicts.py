@@ -14,7 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import HIDDEN_CHECKOUT, HIDDEN_CHECKOUT_REASON
+from conftest import HIDDEN_CHECKOUT, HIDDEN_CHECKOUT_REASON, TESTS
 
 from runner import record
 from runner.commands import bench, cli, matrix, pipeline, regression_verdict, regressions
@@ -24,7 +24,7 @@ from runner.stages.results import BootStatus
 # The runner refuses a checkout its guests cannot see before anything these tests check.
 pytestmark = pytest.mark.skipif(bool(HIDDEN_CHECKOUT), reason=HIDDEN_CHECKOUT_REASON)
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = TESTS / "fixtures"
 CLEAN = (FIXTURES / "runner" / "console-tcg-boot-start.log").read_text()
 OOPS = (FIXTURES / "splats" / "oops-null-deref-6.1-qemu.log").read_text()
 NEVER_STARTED = (FIXTURES / "runner" / "console-masked-checkout-dash.log").read_text()

@@ -1,6 +1,6 @@
 """Run a command with bpf(BPF_PROG_LOAD) refused by seccomp with EPERM: a host policy, simulated.
 
-Usage: python tests/seccomp_refuse_prog_load.py COMMAND [ARGS...]
+Usage: python tests/selftests/seccomp_refuse_prog_load.py COMMAND [ARGS...]
 
 Some hosts refuse program loads to root (lockdown, an LSM, a sandbox): the suite must
 report that as stated [environment] skips, not as failures of the kernel. A seccomp

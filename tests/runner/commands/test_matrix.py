@@ -13,11 +13,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import TESTS
 
 from runner.commands import matrix, pipeline
 from runner.errors import UsageError
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "matrix"
+FIXTURES = TESTS / "fixtures" / "matrix"
 
 
 def test_default_kernels_are_the_four_distro_releases():

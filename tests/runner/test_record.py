@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from conftest import TESTS
 
 from runner import record
 from runner.errors import ExitCode, UsageError
 from runner.stages import results
 from runner.stages.results import BootStatus, VerdictLabel
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = TESTS / "fixtures"
 # Real summaries written by schema 1 runners: a failed run, a pass, an early error.
 V1_RUNS = [FIXTURES / "ci" / "tcg-one-failure", FIXTURES / "matrix" / "distro-6.12",
            FIXTURES / "matrix" / "distro-7.2"]

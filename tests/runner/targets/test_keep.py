@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from conftest import TESTS
 
 from runner.cache import default_cache_dir, open_cache
 from runner.commands import pipeline
@@ -27,7 +28,7 @@ from runner.preflight import find_tool
 from runner.stages.accel import AccelPlan
 from runner.targets import keep, remote, ssh
 
-SPLAT_SUITE = Path(__file__).parent / "fixtures" / "ssh" / "splat-suite"
+SPLAT_SUITE = TESTS / "fixtures" / "ssh" / "splat-suite"
 KERNEL_IMAGE = Path(os.environ.get(
     "SK_STORAGE_SELFTESTS_KERNEL_IMAGE",
     default_cache_dir() / "probe-build" / "arch" / "x86" / "boot" / "bzImage"))

@@ -11,12 +11,12 @@ import json
 import os
 import socket
 import struct
-from pathlib import Path
 
 import pytest
 from bpfkit import sockdiag
+from conftest import TESTS
 
-FIXTURES = Path(__file__).parent / "fixtures" / "netlink"
+FIXTURES = TESTS / "fixtures" / "netlink"
 
 
 def fixture(name: str) -> tuple[bytes, bytes, dict]:

@@ -1,6 +1,6 @@
 """A host that refuses program loads to root: the suite's verdict is stated skips, not failures.
 
-The refusal is simulated with a seccomp filter (tests/seccomp_refuse_prog_load.py) that
+The refusal is simulated with a seccomp filter (tests/selftests/seccomp_refuse_prog_load.py) that
 makes every bpf(BPF_PROG_LOAD) fail with EPERM, as lockdown or an LSM does on some hosts.
 Map tests must still run and pass; every test that needs a program must skip with an
 [environment] reason naming the refusal, including tests that expect a load to fail.
@@ -14,11 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from runner.stages import results
 
-REPO = Path(__file__).resolve().parent.parent
-SECCOMP = REPO / "tests" / "seccomp_refuse_prog_load.py"
+SECCOMP = Path(__file__).resolve().parent / "seccomp_refuse_prog_load.py"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="[not root] the suite needs root to reach bpf(2)")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import os
 import platform
 import time
-from pathlib import Path
 
 import pytest
+from conftest import TESTS
 
 from runner.errors import ExitCode, UsageError
 from runner.stages import accel
 
-FIXTURES = Path(__file__).parent / "fixtures" / "runner"
+FIXTURES = TESTS / "fixtures" / "runner"
 # QEMU under KVM on this host: the real-mode setup prints, then nothing.
 KVM_HANG = (FIXTURES / "console-kvm-hang.log").read_text()
 # Debian's 6.12 under KVM on this host: KVM gives up at once.

@@ -13,11 +13,10 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SUITE = REPO / "selftests"
 sys.path.insert(0, str(SUITE))
 

@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 from bpfkit import kmsg
+from conftest import REPO, TESTS
 
 from runner.errors import UsageError
 from runner.guest import remote_driver
 from runner.targets import remote_bundle
 
-GUEST_SUITE = Path(__file__).parent / "fixtures" / "runner" / "guest-suite"
-KMSG_RECORDS = Path(__file__).parent / "fixtures" / "splats" / "kmsg-records.hex"
+GUEST_SUITE = TESTS / "fixtures" / "runner" / "guest-suite"
+KMSG_RECORDS = TESTS / "fixtures" / "splats" / "kmsg-records.hex"
 SYSTEM_PYTHON = "/usr/bin/python3"
 
 
@@ -70,7 +71,7 @@ def test_closure_for_a_python_pytest_cannot_run_on_is_refused():
 
 def test_bundle_holds_the_suite_and_the_pushed_packages_as_plain_files():
     dists = remote_bundle.pytest_closure(environment(platform.python_version()))
-    suite = Path(__file__).resolve().parent.parent / "selftests"
+    suite = REPO / "selftests"
     with tarfile.open(fileobj=io.BytesIO(remote_bundle.build_bundle(suite, dists))) as archive:
         members = archive.getmembers()
         site = zipfile.ZipFile(archive.extractfile(remote_bundle.SITE_ZIP))

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import HIDDEN_CHECKOUT, HIDDEN_CHECKOUT_REASON
+from conftest import HIDDEN_CHECKOUT, HIDDEN_CHECKOUT_REASON, REPO
 
 from runner.cache import Cache, default_cache_dir
 from runner.commands import cli, pipeline
@@ -29,7 +29,6 @@ from runner.stages.patches import load_series
 # The runner refuses a checkout its guests cannot see before anything these tests check.
 pytestmark = pytest.mark.skipif(bool(HIDDEN_CHECKOUT), reason=HIDDEN_CHECKOUT_REASON)
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def run_selftests(*args: str, cwd: Path) -> subprocess.CompletedProcess:

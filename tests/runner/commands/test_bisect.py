@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from runner.commands import bisect, cli
 from runner.errors import ExitCode, UsageError
@@ -585,7 +586,7 @@ def test_help_inside_a_bisect_stops_git_instead_of_saying_good(tmp_path):
     commits = make_repo(tree, ["pass", "fail"])
     step = [sys.executable, "-m", "runner.commands.bisect", "--help"]
     driver = [sys.executable, "-m", "runner", "bisect", "--help"]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     for command in (step, driver):
         outside = subprocess.run(command, cwd=tree, capture_output=True, text=True, env=env,
                                  check=False)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import TESTS
 
 from runner.commands import cli, pipeline, regression_verdict, regressions
 from runner.commands.regression_verdict import (
@@ -25,7 +26,7 @@ from runner.errors import ExitCode, UsageError
 from runner.stages import build, results
 from runner.stages.patches import load_series
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = TESTS / "fixtures"
 OOPS = (FIXTURES / "splats" / "oops-null-deref-6.1-qemu.log").read_text()
 JUNIT = FIXTURES / "runner" / "junit-guest-6.1.xml"
 

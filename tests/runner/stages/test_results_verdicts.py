@@ -15,13 +15,14 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import TESTS
 
 from runner import record
 from runner.commands import pipeline
 from runner.errors import ExitCode
 from runner.stages import results
 
-FIXTURES = Path(__file__).parent / "fixtures" / "runner"
+FIXTURES = TESTS / "fixtures" / "runner"
 
 
 def pytest_junit(tmp_path: Path, body: str) -> list[results.TestResult]:

@@ -12,11 +12,12 @@ import shlex
 from pathlib import Path
 
 import pytest
+from conftest import TESTS
 
 from runner.commands import bench
 from runner.errors import InfrastructureError, UsageError
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures" / "bench"
+FIXTURES = TESTS / "fixtures" / "bench"
 
 
 def load(name: str) -> dict:

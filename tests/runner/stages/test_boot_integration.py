@@ -20,14 +20,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import TESTS
 
 from runner.errors import ExitCode
 from runner.preflight import BOOT_TOOLS, DISTRO_KERNEL_TOOLS, masked_in_guest, missing
 
-GUEST_SUITE = Path(__file__).parent / "fixtures" / "runner" / "guest-suite"
+GUEST_SUITE = TESTS / "fixtures" / "runner" / "guest-suite"
 ABSENT = missing(BOOT_TOOLS + DISTRO_KERNEL_TOOLS)
 # A checkout (or venv) under /var/tmp, /var/cache, ...: virtme-ng's guest init hides it,
-# run-selftests refuses it up front (tests/test_runner_preflight.py), so no guest can
+# run-selftests refuses it up front (tests/runner/test_preflight.py), so no guest can
 # run this checkout's files.
 HIDDEN = masked_in_guest(GUEST_SUITE) or masked_in_guest(Path(sys.executable))
 

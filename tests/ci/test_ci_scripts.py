@@ -20,14 +20,15 @@ from pathlib import Path
 
 import pytest
 from bpfkit.splats import find_splats
+from conftest import REPO, TESTS
 
 from runner import record
 from runner.stages.results import VerdictLabel
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 CI = ROOT / "ci"
 WORKFLOWS = ROOT / ".github" / "workflows"
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = TESTS / "fixtures"
 RUN = FIXTURES / "ci" / "tcg-one-failure"
 FAILING_TEST = "test_spin_lock::test_sock_diag_dump_zeroes_the_lock_slot"
 

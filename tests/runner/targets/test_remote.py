@@ -27,15 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TESTS
 
 from runner.commands import cli, pipeline
 from runner.errors import ExitCode, RunnerError
 from runner.stages import results
 from runner.targets import remote, remote_transfer, ssh
 
-REPO = Path(__file__).resolve().parent.parent
 SUITE = REPO / "selftests"
-SLOW_SUITE = Path(__file__).parent / "fixtures" / "ssh" / "slow-suite"
+SLOW_SUITE = TESTS / "fixtures" / "ssh" / "slow-suite"
 BUSY = "slow-suite: busy"  # what SLOW_SUITE's test prints once it runs
 SHELL_NOISE = "noisy-rc: hello from a start-up file"
 SSHD = Path("/usr/sbin/sshd")
