@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 
 def write_text(path: Path, text: str) -> Path:
-    """Write text to path through a temporary file beside it and an atomic rename."""
+    """Write text to path through a temporary file beside it and an atomic rename.
+
+    The temporary file is this process's own, so two runs writing the same file
+    (a cache memo) cannot interleave; it is removed again if the write fails.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
     return path

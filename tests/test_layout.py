@@ -24,8 +24,8 @@ def readme_section(title: str) -> str:
 
 def test_the_readme_names_every_runner_module_once():
     section = readme_section("What a run does")
-    stages = re.findall(r"^\| [^|]+ \| `(runner/stages/\w+\.py)` \|", section, re.M)
-    packages = re.findall(r"^\| `(runner/(?:\w+/)?)` \| ([^|]+) \|", section, re.M)
+    stages = re.findall(r"^\| [^|]+ \| `(runner/stages/\w+\.py)` \|", section, re.MULTILINE)
+    packages = re.findall(r"^\| `(runner/(?:\w+/)?)` \| ([^|]+) \|", section, re.MULTILINE)
     named = list(stages)
     for package, modules in packages:
         named += [f"{package}{name}.py" for name in re.findall(r"`(\w+)`", modules)]

@@ -25,7 +25,7 @@ from runner import preflight, record
 from runner.cache import open_cache
 from runner.commands import pipeline
 from runner.errors import ExitCode, InfrastructureError, RunnerError, UsageError
-from runner.stages import accel, artifacts, boot, prebuilt, results, source
+from runner.stages import accel, artifacts, prebuilt, results, source
 
 BENCH_JSON = "bench.json"
 BENCH_EXIT_FILE = "bench-exitcode"
@@ -86,7 +86,7 @@ def guest_bench_command(python: str, suite_dir: Path, output_dir: Path,
     command = [python, "-m", "bench", *module_args, "--output", str(output_dir / BENCH_JSON)]
     return (
         f"cd {shlex.quote(str(suite_dir))}; export PYTHONDONTWRITEBYTECODE=1; "
-        f"uname -r > {out}/{boot.GUEST_RELEASE_FILE}; "
+        f"uname -r > {out}/{artifacts.GUEST_RELEASE_FILE}; "
         f"{shlex.join(command)}; echo $? > {out}/{BENCH_EXIT_FILE}"
     )
 

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from runner import record
 from runner.cache import open_cache
 from runner.errors import UsageError
 from runner.progress import format_timings
@@ -115,19 +116,23 @@ class LoopBench:
                               stderr=subprocess.STDOUT, text=True, check=False)
         wall = time.monotonic() - started
         (self.out / f"{run_dir.name}.log").write_text(proc.stdout)
+        # A run that left no usable summary.json is still a sample: its wall time and exit.
         try:
-            summary = json.loads((run_dir / "summary.json").read_text())
-        except (OSError, ValueError):
-            summary = {}
+            summary: record.RunRecord | None = record.read(run_dir)
+        except (OSError, record.RecordError):
+            summary = None
+        kernel = (summary.kernel if summary else None) or {}
+        build = (summary.build if summary else None) or {}
+        timings = (summary.timings if summary else None) or {}
         sample = {"label": label, "wall": round(wall, 1), "exit": proc.returncode,
-                  "timings": summary.get("timings", {}),
-                  "build_dir": summary.get("kernel", {}).get("build_dir"),
-                  "make_skipped": summary.get("build", {}).get("make_skipped"),
-                  "build_steps": summary.get("build", {}).get("steps"),
-                  "counts": summary.get("counts", {})}
+                  "timings": timings,
+                  "build_dir": kernel.get("build_dir"),
+                  "make_skipped": build.get("make_skipped"),
+                  "build_steps": build.get("steps"),
+                  "counts": (summary.counts if summary else None) or {}}
         self.samples.append(sample)
         self.log(f"bench-loop: {label}: {wall:.1f} s, exit {proc.returncode}; "
-                 f"{format_timings(sample['timings'])}")
+                 f"{format_timings(timings)}")
         if proc.returncode != 0:
             self.failures.append(f"{label}: exit {proc.returncode} (see {run_dir.name}.log)")
         return sample

@@ -24,7 +24,7 @@ from runner import preflight, record
 from runner.commands import pipeline
 from runner.errors import ExitCode, UsageError
 from runner.markdown import cell
-from runner.stages import artifacts, boot, results
+from runner.stages import artifacts, results
 
 DEFAULT_KERNELS = "distro:5.10,distro:6.1,distro:6.12,distro:7.2"
 KINDS = ("distro", "build", "image")
@@ -145,7 +145,7 @@ def column_from_dir(spec: KernelSpec, out: Path) -> KernelColumn:
         column.tests = list(summary.tests)
     else:
         try:
-            column.tests = results.parse_junit(out / boot.JUNIT_FILE)
+            column.tests = results.parse_junit(out / artifacts.JUNIT_FILE)
         except (FileNotFoundError, ValueError):
             column.tests = None
     if column.tests is not None:

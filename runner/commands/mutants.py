@@ -43,6 +43,7 @@ from pathlib import Path
 from runner.cache import open_cache
 from runner.commands import pipeline, regressions
 from runner.errors import ExitCode, Interrupted, UsageError
+from runner.markdown import cell
 from runner.stages import artifacts
 from runner.stages.patches import load_series, tree_lock
 
@@ -84,19 +85,8 @@ class Mutant:
 def load_catalogue(path: Path = CATALOGUE) -> list[Mutant]:
     """Parse and check the catalogue; a broken entry is a usage error naming it."""
     path = Path(path)
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"mutant catalogue {path} does not exist; check --catalogue") from None
-    except ValueError as exc:
-        raise UsageError(f"mutant catalogue {path} is not valid JSON: {exc}") from None
-    if not isinstance(entries, list):
-        raise UsageError(f"mutant catalogue {path} must be a JSON list of entries")
     mutants, seen = [], set()
-    for number, entry in enumerate(entries, 1):
-        where = f"{path} entry {number}"
-        if not isinstance(entry, dict):
-            raise UsageError(f"{where} is not an object")
+    for where, entry in regressions.json_entries(path, "mutant catalogue", "--catalogue"):
         missing = [k for k in ("id", "file", "find", "breaks") if not entry.get(k)]
         if "replace" not in entry:
             missing.append("replace")
@@ -408,8 +398,7 @@ def markdown(outcomes: Sequence[Outcome], title: str) -> str:
     for o in outcomes:
         cells = [f"`{o.id}`", f"`{o.file.rsplit('/', 1)[-1]}`", o.breaks, f"**{o.status}**"
                  if o.status == SURVIVED else o.status, o.detail, format_seconds(o.seconds)]
-        rows.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells)
-                    + " |")
+        rows.append("| " + " | ".join(cell(c) for c in cells) + " |")
     killed, counted = score(outcomes)
     tally = ", ".join(f"{sum(o.status == s for o in outcomes)} {s}" for s in STATUSES)
     rows += ["", f"{len(outcomes)} mutants: {tally}.",
@@ -675,11 +664,6 @@ def _finish(out: Path, outcomes: Sequence[Outcome], title: str,
     log(markdown(outcomes, title))
     log(f"mutants: {md_path} and {json_path}")
     return exit_code(outcomes)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Entry point for a subparsers-based CLI (same as main)."""
-    return main(args)
 
 
 if __name__ == "__main__":

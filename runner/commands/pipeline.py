@@ -319,12 +319,12 @@ def judge_output_dir(out: Path, boot_status: str, target: str = results.TARGET_V
     splats = results.find_console_splats(text)
     tests, problem = None, None
     try:
-        tests = results.parse_junit(out / boot.JUNIT_FILE)
+        tests = results.parse_junit(out / artifacts.JUNIT_FILE)
     except FileNotFoundError:
-        problem = f"no {boot.JUNIT_FILE}"
+        problem = f"no {artifacts.JUNIT_FILE}"
     except ValueError as exc:
         problem = str(exc)
-    pytest_exit = results.read_exit_code(out / boot.PYTEST_EXIT_FILE)
+    pytest_exit = results.read_exit_code(out / artifacts.PYTEST_EXIT_FILE)
     verdict = results.judge(boot_status, pytest_exit, tests, splats, problem, target=target,
                             console=text)
     return verdict, tests, splats, pytest_exit
@@ -413,7 +413,7 @@ def report(verdict: results.Verdict, tests, splats, log: Callable[[str], None]) 
 
 def kernel_release(out: Path, fallback: str | None) -> str | None:
     """The release the guest reported (uname -r), else what the image declared."""
-    reported = out / boot.GUEST_RELEASE_FILE
+    reported = out / artifacts.GUEST_RELEASE_FILE
     if reported.exists():
         text = reported.read_text().strip()
         if text:

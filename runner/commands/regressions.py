@@ -72,22 +72,32 @@ class Regression:
     notes: str = ""
 
 
-def load_manifest(path: Path = MANIFEST) -> list[Regression]:
-    """Parse and check the manifest; a broken one is a usage error naming the entry."""
-    path = Path(path)
+def json_entries(path: Path, what: str, option: str) -> Iterator[tuple[str, dict]]:
+    """The objects of a JSON list file (the manifest, mutants' catalogue), each with where it stands.
+
+    A missing or malformed file, or an entry that is not an object, is a usage
+    error naming the file (and the entry), and `option` that chose it.
+    """
     try:
         entries = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UsageError(f"regression manifest {path} does not exist; check --manifest") from None
+        raise UsageError(f"{what} {path} does not exist; check {option}") from None
     except ValueError as exc:
-        raise UsageError(f"regression manifest {path} is not valid JSON: {exc}") from None
+        raise UsageError(f"{what} {path} is not valid JSON: {exc}") from None
     if not isinstance(entries, list):
-        raise UsageError(f"regression manifest {path} must be a JSON list of entries")
-    regressions, seen = [], set()
+        raise UsageError(f"{what} {path} must be a JSON list of entries")
     for number, entry in enumerate(entries, 1):
         where = f"{path} entry {number}"
         if not isinstance(entry, dict):
             raise UsageError(f"{where} is not an object")
+        yield where, entry
+
+
+def load_manifest(path: Path = MANIFEST) -> list[Regression]:
+    """Parse and check the manifest; a broken one is a usage error naming the entry."""
+    path = Path(path)
+    regressions, seen = [], set()
+    for where, entry in json_entries(path, "regression manifest", "--manifest"):
         missing = [k for k in ("id", "patch", "bug", "expected_failing") if not entry.get(k)]
         if missing:
             raise UsageError(f"{where} lacks {', '.join(missing)}")

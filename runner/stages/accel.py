@@ -20,11 +20,11 @@ import json
 import os
 import platform
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner import atomic_file
 from runner.errors import UsageError
 from runner.preflight import find_tool
 
@@ -163,15 +163,7 @@ def write_memo(path: Path, memo: dict | None) -> None:
             path.unlink(missing_ok=True)
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as stream:
-                json.dump(memo, stream, indent=2)
-                stream.write("\n")
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        atomic_file.write_text(path, json.dumps(memo, indent=2) + "\n")
 
 
 def plan_for_host(requested: str, memo_path: Path) -> AccelPlan:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import shlex
 import shutil
 from collections.abc import Sequence
@@ -25,11 +24,14 @@ CONFIG_LOG = "config.log"
 KERNEL_CONFIG = "kernel.config"
 SUMMARY = "summary.json"
 SERIES_DIR = "series"
+# What the guest writes into the output directory (see boot.guest_test_command).
+JUNIT_FILE = "junit.xml"
+PYTEST_EXIT_FILE = "pytest-exitcode"
+GUEST_RELEASE_FILE = "guest-kernel-release"
 # Files a guest or an earlier run may have left: removed before a run reuses
 # a directory, so stale results can never be read as this run's.
-RUN_OUTPUTS = ("junit.xml", "pytest-exitcode", "guest-kernel-release", CONSOLE_LOG, BUILD_LOG,
+RUN_OUTPUTS = (JUNIT_FILE, PYTEST_EXIT_FILE, GUEST_RELEASE_FILE, CONSOLE_LOG, BUILD_LOG,
                CONFIG_LOG, KERNEL_CONFIG, SUMMARY)
-SUMMARY_SCHEMA = 1
 
 
 def default_output_dir(base: Path | None = None,
@@ -120,13 +122,3 @@ def reproducer(argv: Sequence[str], output_dir: Path) -> str:
             continue
         cleaned.append(arg)
     return shlex.join(["run-selftests", *cleaned, "--output", str(output_dir) + "-rerun"])
-
-
-def write_summary(out: Path, summary: dict) -> Path:
-    """summary.json, written atomically so a reader never sees half of it."""
-    summary = dict(summary, schema=SUMMARY_SCHEMA)
-    target = out / SUMMARY
-    tmp = out / (SUMMARY + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, target)
-    return target

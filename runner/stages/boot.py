@@ -25,14 +25,12 @@ from typing import Callable, TextIO
 
 import pexpect
 
+from runner import process_group
 from runner.commands.regression_verdict import console_progress
 from runner.errors import InfrastructureError, UsageError
 from runner.preflight import find_tool
 from runner.stages.accel import KERNEL_BANNER, AccelPlan, judge_kvm
-
-PYTEST_EXIT_FILE = "pytest-exitcode"
-GUEST_RELEASE_FILE = "guest-kernel-release"
-JUNIT_FILE = "junit.xml"
+from runner.stages.artifacts import GUEST_RELEASE_FILE, JUNIT_FILE, PYTEST_EXIT_FILE
 
 PANIC = re.compile(r"Kernel panic - not syncing")
 # printk lines ("[   12.345678] ..."): shown live only with --verbose.
@@ -78,6 +76,22 @@ def vng_command(
     return command
 
 
+def pytest_arguments(suite: str, junit: str, markers: str | None,
+                     keyword: str | None) -> list[str]:
+    """pytest's arguments after `-m pytest`, the same for a VM and an SSH target."""
+    args = [suite, f"--junitxml={junit}",
+            # The root filesystem is read-only in the guest: no cache dir.
+            "-p", "no:cacheprovider", "-v", "-rfEs",
+            # The console is a log read by people and regexes (result lines,
+            # splats): whatever TERM the guest inherits, no ANSI colour codes.
+            "--color=no"]
+    if markers:
+        args += ["-m", markers]
+    if keyword:
+        args += ["-k", keyword]
+    return args
+
+
 def guest_test_command(
     python: str, suite_dir: Path, output_dir: Path, markers: str | None,
     keyword: str | None, extra_args: Sequence[str] = (), pycache_dir: Path | None = None,
@@ -88,17 +102,9 @@ def guest_test_command(
     pycache_dir, a directory the guest can write (see run_guest's rw_dirs),
     keeps the bytecode of everything the guest imports from one run to the next.
     """
-    pytest = [python, "-m", "pytest", str(suite_dir), f"--junitxml={output_dir / JUNIT_FILE}",
-              # The root filesystem is read-only in the guest: no cache dir.
-              "-p", "no:cacheprovider", "-v", "-rfEs",
-              # The console is a log read by people and regexes (result lines,
-              # splats): whatever TERM the guest inherits, no ANSI colour codes.
-              "--color=no"]
-    if markers:
-        pytest += ["-m", markers]
-    if keyword:
-        pytest += ["-k", keyword]
-    pytest += list(extra_args)
+    pytest = [python, "-m", "pytest",
+              *pytest_arguments(str(suite_dir), str(output_dir / JUNIT_FILE), markers, keyword),
+              *extra_args]
     # Start-up over 9p under TCG is slow: no scan of every installed
     # distribution for pytest plugins (the suite needs none), and bytecode
     # (pytest's rewritten test modules too) from a writable cache instead of
@@ -138,55 +144,11 @@ class BootOutcome:
 def kill_process_group(child: pexpect.spawn, grace: float = 3.0) -> None:
     """SIGTERM then SIGKILL the child's whole process group (vng, virtme-run, QEMU)."""
     pgid = child.pid
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            break
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not process_group_alive(pgid):
-                break
-            time.sleep(0.1)
-        if not process_group_alive(pgid):
-            break
+    process_group.stop(pgid, ((signal.SIGTERM, grace), (signal.SIGKILL, grace)),
+                       lambda: not process_group.alive(pgid))
     # The processes are gone either way; closing the pty is best effort.
     with contextlib.suppress(OSError, pexpect.ExceptionPexpect):
         child.close(force=True)
-
-
-def process_group_alive(pgid: int) -> bool:
-    """True while any process of the group exists and is not a zombie."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # Reap our direct child if it already exited.
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pgid, os.WNOHANG)
-    # Orphans (QEMU under virtme-run, the stand-in's grandchildren) are reaped
-    # by PID 1, which in containers can take a second or more: a group of
-    # zombies is already dead and must not cost the kill its grace period.
-    return any(state != "Z" for state in _group_states(pgid))
-
-
-def _group_states(pgid: int) -> list[str]:
-    """The process states (R, S, Z, ...) of the group's members, from /proc."""
-    states = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                # "pid (comm) state ppid pgrp ...": comm may hold spaces and parens.
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            states.append(fields[0].decode())
-    return states
 
 
 @dataclass

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner import process_group
 from runner.cache import Cache
 from runner.errors import BuildError, InfrastructureError
 from runner.progress import StatusLine, format_elapsed
@@ -377,16 +378,8 @@ def build_kernel(
 
 def _stop_process_group(proc: subprocess.Popen) -> None:
     """SIGTERM make's whole group (make cleans up half-written objects), SIGKILL if it lingers."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=10)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    process_group.stop(proc.pid, ((signal.SIGTERM, 10), (signal.SIGKILL, 10)),
+                       lambda: proc.poll() is not None)
     # Compilers of the group may outlive make itself by a moment.
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)

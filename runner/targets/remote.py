@@ -176,22 +176,6 @@ def with_kept_guest_defaults(options: RemoteOptions, cache: Cache | None,
                                known_hosts=options.known_hosts or Path(guest.known_hosts))
 
 
-def pytest_arguments(suite_name: str, workdir: str, markers: str | None,
-                     keyword: str | None) -> list[str]:
-    """pytest's arguments on the target: the same selection and reports as in a VM run."""
-    # As boot.guest_test_command's pytest argv, plus the target's own paths.
-    args = [suite_name, f"--junitxml={workdir}/{boot.JUNIT_FILE}", "-p", "no:cacheprovider",
-            "-v", "-rfEs",
-            # console.log is read by people and regexes: no ANSI colour codes,
-            # whatever TERM the target's shell has.
-            "--color=no"]
-    if markers:
-        args += ["-m", markers]
-    if keyword:
-        args += ["-k", keyword]
-    return args
-
-
 def _quiet_command(client: paramiko.SSHClient, command: str, timeout: float) -> tuple:
     """(exit status, stdout, stderr) of a short command; a silent target is a dropped link."""
     try:
@@ -415,7 +399,9 @@ def run_on_target(options: RemoteOptions, suite: Path, out: Path, markers: str |
             facts.python, f"{workdir}/remote_driver.py", "--marker", marker,
             "--deadline", str(int(timeout + STOP_GRACE_SECONDS)),
         ] + (["--pushed-pytest"] if dists else []) + [
-            workdir, "--", *pytest_arguments(suite.name, workdir, markers, keyword)]
+            workdir, "--",
+            *boot.pytest_arguments(suite.name, f"{workdir}/{artifacts.JUNIT_FILE}",
+                                   markers, keyword)]
         with open(out / artifacts.CONSOLE_LOG, "w", encoding="utf-8") as console_file:
             console = _Console(console_file, log)
             console.line(f"### target {target.url()}: Linux {facts.release}, run {marker}")
@@ -442,7 +428,7 @@ def run_on_target(options: RemoteOptions, suite: Path, out: Path, markers: str |
                     f"partial output is in {out / artifacts.CONSOLE_LOG}") from None
 
             try:
-                fetched = transfer.get([remote_driver.STATUS, boot.JUNIT_FILE,
+                fetched = transfer.get([remote_driver.STATUS, artifacts.JUNIT_FILE,
                                         remote_driver.KERNEL_LOG], workdir)
             except ssh.ConnectionDropped as exc:
                 link_ok = False
@@ -455,8 +441,8 @@ def run_on_target(options: RemoteOptions, suite: Path, out: Path, markers: str |
                     from None
             got_status = remote_driver.STATUS in fetched
             state = json.loads(fetched[remote_driver.STATUS]) if got_status else {}
-            if boot.JUNIT_FILE in fetched:
-                (out / boot.JUNIT_FILE).write_bytes(fetched[boot.JUNIT_FILE])
+            if artifacts.JUNIT_FILE in fetched:
+                (out / artifacts.JUNIT_FILE).write_bytes(fetched[artifacts.JUNIT_FILE])
             kernel_text = fetched.get(remote_driver.KERNEL_LOG, b"").decode("utf-8", "replace")
             console.file.write("### kernel log of the target since the run started "
                                f"({len(kernel_text.splitlines())} lines)\n{kernel_text}")
@@ -465,9 +451,9 @@ def run_on_target(options: RemoteOptions, suite: Path, out: Path, markers: str |
                                    "overwritten before they could be read\n")
         facts_out["kernel_log_lost"] = state.get("kernel_log_lost", 0)
         facts_out["stopped_by"] = state.get("stopped")
-        (out / boot.GUEST_RELEASE_FILE).write_text(state.get("release", facts.release) + "\n")
+        (out / artifacts.GUEST_RELEASE_FILE).write_text(state.get("release", facts.release) + "\n")
         if state.get("pytest_exit") is not None:
-            (out / boot.PYTEST_EXIT_FILE).write_text(f"{state['pytest_exit']}\n")
+            (out / artifacts.PYTEST_EXIT_FILE).write_text(f"{state['pytest_exit']}\n")
         if not got_status or state.get("driver_error"):
             why = state.get("driver_error") or "it left no status.json"
             raise InfrastructureError(f"the runner's driver failed on the target ({why}); "

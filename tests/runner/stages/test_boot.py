@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from runner import process_group
 from runner.errors import InfrastructureError
 from runner.stages import accel, boot
 
@@ -354,8 +355,8 @@ def test_a_group_of_zombies_is_dead_but_a_live_member_keeps_it_alive():
         deadline = time.monotonic() + 10
         while alive(zombie) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert not boot.process_group_alive(zombie)
-        assert boot.process_group_alive(live)
+        assert not process_group.alive(zombie)
+        assert process_group.alive(live)
     finally:
         os.killpg(live, signal.SIGKILL)
         parent.kill()
