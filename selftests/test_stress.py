@@ -5,8 +5,10 @@ and the map itself is freed by a kernel worker concurrently with them); the one-
 race forks processes, so updates and deletes overlap in the kernel on both CPUs.  Each
 test also reads the kernel log itself and fails on any splat, on top of the guard.
 
-Scale, from the environment (defaults finish in about 30 s under QEMU TCG emulation,
-about 1 s on the 2-core development machine):
+Each race runs at two scales. `quick` is in the default selection, sized to finish in
+a few seconds under QEMU TCG emulation; `full` carries the `stress` marker and takes its
+scale from the environment (defaults finish in about 30 s under TCG, about 1 s on the
+2-core development machine):
   SK_STORAGE_STRESS_THREADS  workers per race: threads in the map-free race, processes
                              in the one-socket race (default 4)
   SK_STORAGE_STRESS_SOCKETS  sockets per worker in the map-free race (default 48)
@@ -15,6 +17,11 @@ about 1 s on the 2-core development machine):
                              (default 30000)
   SK_STORAGE_STRESS_TIMEOUT  seconds before a hung race process fails the test (default 300)
   SK_STORAGE_CLEANUP_TIMEOUT seconds to wait for deferred frees (default 30)
+
+A race passes only if it is seen to have raced: the map-free race needs a round in
+which the map's last reference went while another worker was still closing sockets,
+the one-socket race needs a delete that succeeded after another delete (so an update
+landed between them).
 """
 
 from __future__ import annotations
@@ -30,11 +37,10 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
-from bpfkit import elements, kmsg, maps, sockdiag, sockets, splats, syscall
-
-pytestmark = pytest.mark.stress
+from bpfkit import charges, elements, kmsg, maps, sockdiag, sockets, splats, syscall
 
 
 def _scale(name: str, default: int) -> int:
@@ -48,10 +54,22 @@ def _scale(name: str, default: int) -> int:
     return value
 
 
-THREADS = _scale("SK_STORAGE_STRESS_THREADS", 4)
-SOCKETS = _scale("SK_STORAGE_STRESS_SOCKETS", 48)
-ROUNDS = _scale("SK_STORAGE_STRESS_ROUNDS", 10)
-OPS = _scale("SK_STORAGE_STRESS_OPS", 30000)
+@dataclass(frozen=True)
+class Scale:
+    """How hard one race pushes: workers, sockets per worker, rounds, calls per worker."""
+
+    threads: int
+    sockets: int
+    rounds: int
+    ops: int
+
+
+FULL = Scale(threads=_scale("SK_STORAGE_STRESS_THREADS", 4),
+             sockets=_scale("SK_STORAGE_STRESS_SOCKETS", 48),
+             rounds=_scale("SK_STORAGE_STRESS_ROUNDS", 10),
+             ops=_scale("SK_STORAGE_STRESS_OPS", 30000))
+# Seconds under TCG, yet every race still overlaps (each test checks that it did).
+QUICK = Scale(threads=2, sockets=16, rounds=3, ops=3000)
 CLEANUP_TIMEOUT = float(os.environ.get("SK_STORAGE_CLEANUP_TIMEOUT", "30"))
 # A race that has not ended by then is hung in the kernel, not slow.
 RACE_TIMEOUT = float(os.environ.get("SK_STORAGE_STRESS_TIMEOUT", "300"))
@@ -59,6 +77,13 @@ VALUE_SIZE = 16
 # A worker that fails before the barrier must not leave the others waiting forever:
 # they give up with BrokenBarrierError and the first worker's own error is reported.
 BARRIER_TIMEOUT = 120.0
+
+
+@pytest.fixture(params=[pytest.param(QUICK, id="quick"),
+                        pytest.param(FULL, id="full", marks=pytest.mark.stress)])
+def scale(request) -> Scale:
+    """The race's size: `quick` runs by default, `full` behind the stress marker."""
+    return request.param
 
 
 @pytest.fixture
@@ -103,40 +128,57 @@ def worker_sockets(family: int, count: int) -> list[socket.socket]:
     return made
 
 
-def map_free_round(round_number: int, families: list[int]) -> None:
-    """One round: THREADS workers give storage to their sockets, then drop the map and close."""
+def map_free_round(round_number: int, families: list[int], scale: Scale) -> bool:
+    """One round: workers give storage to their sockets, then drop the map and close.
+
+    Every worker but this round's freer drops its map fd while closing its first half of
+    sockets; then the freer drops the last reference (the map is freed by a kernel
+    worker) while the others close the second half. Returns whether the round raced: the
+    last fd went while another worker was still closing sockets.
+    """
     map_fd = maps.create_sk_storage_map(VALUE_SIZE, name="stress_free")
     map_id = maps.map_info(map_fd).id
-    # Each worker holds the map through its own fd; whichever closes last frees it, while
-    # the others are still closing sockets.
-    worker_fds = [os.dup(map_fd) for _ in range(THREADS)]
+    worker_fds = [os.dup(map_fd) for _ in range(scale.threads)]
     os.close(map_fd)
-    start = threading.Barrier(THREADS, timeout=BARRIER_TIMEOUT)
+    freer = round_number % scale.threads
+    start = threading.Barrier(scale.threads, timeout=BARRIER_TIMEOUT)
+    handover = threading.Barrier(scale.threads, timeout=BARRIER_TIMEOUT)
     survivors: list[socket.socket] = []
     survivor_baselines: list[int] = []
+    # (worker, the moment its map fd was closed, the moment it closed its last socket)
+    windows: list[tuple[int, float, float]] = []
     lock = threading.Lock()
 
     def worker(index: int) -> None:
         family = families[index % len(families)]
-        mine = worker_sockets(family, SOCKETS)
+        mine = worker_sockets(family, scale.sockets)
         baseline = sockdiag.socket_record(mine[0]).optmem
         for n, sock in enumerate(mine):
             maps.update(worker_fds[index], sock.fileno(),
                         struct.pack("=QQ", round_number, index << 32 | n))
         start.wait()
-        # Close every other socket, give up the map, close the rest but one UDP socket,
-        # which outlives the map and must get its memory back.
+        # Close every other socket and (all but the freer) give up the map; then the freer
+        # drops the last reference while the rest close, all but one UDP socket, which
+        # outlives the map and must get its memory back.
         for sock in mine[1::2]:
             sock.close()
-        os.close(worker_fds[index])
+        if index != freer:
+            os.close(worker_fds[index])
+            fd_closed = time.monotonic()
+        handover.wait()
+        if index == freer:
+            os.close(worker_fds[index])
+            fd_closed = time.monotonic()
         for sock in mine[2::2]:
             sock.close()
+        done = time.monotonic()
         with lock:
+            windows.append((index, fd_closed, done))
             survivors.append(mine[0])
             survivor_baselines.append(baseline)
 
     try:
-        run_threads([lambda i=i: worker(i) for i in range(THREADS)])
+        run_threads([lambda i=i: worker(i) for i in range(scale.threads)])
         reached, _ = elements.wait_for(
             lambda: int(map_id not in maps.map_ids()), 1, CLEANUP_TIMEOUT)
         assert reached, f"round {round_number}: map id {map_id} outlived its last fd"
@@ -148,14 +190,20 @@ def map_free_round(round_number: int, families: list[int]) -> None:
     finally:
         for sock in survivors:
             sock.close()
+    freed_at = next(fd_closed for index, fd_closed, _ in windows if index == freer)
+    return any(done > freed_at for index, _, done in windows if index != freer)
 
 
-def test_map_freed_while_sockets_close_concurrently(no_splat):
+def test_map_freed_while_sockets_close_concurrently(scale, no_splat):
     """Threads give storage to their sockets, then drop map refs and close sockets at once."""
     families = [socket.AF_INET, socket.AF_INET6] if sockets.ipv6_available() else [
         socket.AF_INET]
-    for round_number in range(ROUNDS):
-        map_free_round(round_number, families)
+    raced = sum(map_free_round(n, families, scale) for n in range(scale.rounds))
+    # Every round checked the cleanup; at least one must have freed the map mid-close,
+    # or the test proved nothing about the race.
+    assert raced >= 1, (f"in none of {scale.rounds} rounds was the map freed while another "
+                        "worker was closing sockets: the workers ran one after the other")
+    print(f"map-free race: {raced} of {scale.rounds} rounds freed the map mid-close")
 
 
 def run_processes(workers: list[Callable[[], object]], timeout: float) -> list[object]:
@@ -216,7 +264,7 @@ def run_processes(workers: list[Callable[[], object]], timeout: float) -> list[o
     return results
 
 
-def test_update_racing_delete_on_one_socket(storage_map, socks, no_splat):
+def test_update_racing_delete_on_one_socket(scale, storage_map, socks, no_splat):
     """Updaters and deleters on one socket fail only with EAGAIN/ENOENT; lookups never tear."""
     sock = socks.bound(socket.AF_INET, socket.SOCK_DGRAM)
     baseline = sockdiag.socket_record(sock).optmem
@@ -225,7 +273,7 @@ def test_update_racing_delete_on_one_socket(storage_map, socks, no_splat):
 
     def updater(index: int) -> dict[str, int]:
         outcomes: Counter = Counter()
-        for n in range(OPS):
+        for n in range(scale.ops):
             try:
                 maps.update(storage_map, sock.fileno(), values[(index + n) % len(values)])
                 outcomes["update ok"] += 1
@@ -235,7 +283,7 @@ def test_update_racing_delete_on_one_socket(storage_map, socks, no_splat):
 
     def deleter() -> dict[str, int]:
         outcomes: Counter = Counter()
-        for _ in range(OPS):
+        for _ in range(scale.ops):
             try:
                 maps.delete(storage_map, sock.fileno())
                 outcomes["delete ok"] += 1
@@ -245,7 +293,7 @@ def test_update_racing_delete_on_one_socket(storage_map, socks, no_splat):
 
     def reader() -> list[str]:
         seen = set()
-        for _ in range(OPS):
+        for _ in range(scale.ops):
             try:
                 seen.add(maps.lookup(storage_map, sock.fileno(), 8).hex())
             except syscall.BpfError as err:
@@ -253,8 +301,8 @@ def test_update_racing_delete_on_one_socket(storage_map, socks, no_splat):
                     raise
         return sorted(seen)
 
-    updaters = max(1, THREADS // 2)
-    deleters = max(1, THREADS - updaters)
+    updaters = max(1, scale.threads // 2)
+    deleters = max(1, scale.threads - updaters)
     *counts, seen = run_processes(
         [lambda i=i: updater(i) for i in range(updaters)] + [deleter] * deleters + [reader],
         timeout=RACE_TIMEOUT)
@@ -264,8 +312,10 @@ def test_update_racing_delete_on_one_socket(storage_map, socks, no_splat):
 
     allowed = {"update ok", "delete ok", "update EAGAIN", "delete ENOENT"}
     assert set(outcomes) <= allowed, f"unexpected outcomes: {dict(outcomes)}"
-    assert outcomes["update ok"] > 0 and outcomes["delete ok"] > 0, dict(outcomes)
-    assert sum(outcomes.values()) == OPS * (updaters + deleters)
+    assert sum(outcomes.values()) == scale.ops * (updaters + deleters)
+    # Two successful deletes need an update between them: only then did the calls race.
+    assert outcomes["delete ok"] >= 2, (
+        f"updates and deletes never interleaved, nothing raced: {dict(outcomes)}")
     torn = {bytes.fromhex(v) for v in seen} - set(values)
     assert not torn, f"torn or foreign values read: {torn}"
 
@@ -280,7 +330,9 @@ def test_update_racing_delete_on_one_socket(storage_map, socks, no_splat):
         assert charged == baseline, f"no element left, yet {charged - baseline} bytes charged"
     else:
         assert final in values
-        assert charged > baseline
+        element = charges.kernel_charges().first_element(maps.map_info(storage_map).value_size)
+        assert charged - baseline == element, (
+            f"one element left, charged {charged - baseline} bytes instead of {element}")
     maps.update(storage_map, sock.fileno(), values[0])
     maps.delete(storage_map, sock.fileno())
     assert sockdiag.socket_record(sock).optmem == baseline
