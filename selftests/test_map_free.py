@@ -17,7 +17,7 @@ import socket
 import struct
 
 import pytest
-from bpfkit import btf, cgroup, elements, maps, probes, prog, sockdiag, syscall
+from bpfkit import btf, cgroup, charges, elements, maps, probes, prog, sockdiag, syscall
 from bpfkit.asm import (
     ADD,
     DW,
@@ -86,6 +86,17 @@ def wait_until(predicate, timeout: float, describe):
     assert reached, f"after {timeout:g} s: {describe()}"
 
 
+TCP_INFO_SEGS_OUT = 136  # offsetof(struct tcp_info, tcpi_segs_out), 4.2+
+
+
+def tcp_segs_out(sock: socket.socket) -> int | None:
+    """Segments a TCP socket has sent, ACKs and retransmissions included; None for UDP."""
+    if sock.type != socket.SOCK_STREAM:
+        return None
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SEGS_OUT + 4)
+    return struct.unpack_from("=I", info, TCP_INFO_SEGS_OUT)[0]
+
+
 def optmems(sockets: list[socket.socket]) -> list[int]:
     return [sockdiag.socket_record(sock).optmem for sock in sockets]
 
@@ -129,16 +140,22 @@ def test_freeing_the_map_releases_storage_of_live_sockets(
             prog_fd = prog.load_program(
                 syscall.BPF_PROG_TYPE_CGROUP_SKB, egress_counter(map_fd),
                 expected_attach_type=syscall.BPF_CGROUP_INET_EGRESS)
+            segs_before = [tcp_segs_out(sock) for sock in every]
             with prog.attached(prog_fd, cgroup_fd, syscall.BPF_CGROUP_INET_EGRESS):
                 make_traffic(pairs, connections, DATAGRAMS)
-            for sock in every:
+            for sock, before in zip(every, segs_before):
                 packets, = struct.unpack("=Q", maps.lookup(map_fd, sock.fileno(), COUNTER_SIZE))
-                assert packets >= DATAGRAMS
+                # A UDP socket sent its datagrams; a TCP socket its data and its ACKs.
+                sent = DATAGRAMS if before is None else tcp_segs_out(sock) - before
+                assert packets == sent, f"{sock}: {packets} egress passes for {sent} packets"
         else:
             for index, sock in enumerate(every):
                 maps.update(map_fd, sock.fileno(), struct.pack("=Q", index + 1))
         charged = optmems(every)
-        assert all(now > before for now, before in zip(charged, baselines)), (baselines, charged)
+        # Each socket holds exactly one element of this map, its first.
+        element = charges.kernel_charges().first_element(COUNTER_SIZE)
+        assert [now - before for now, before in zip(charged, baselines)] == (
+            [element] * len(every)), (baselines, charged)
 
         os.close(map_fd)
         map_fd = None

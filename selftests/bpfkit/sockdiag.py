@@ -95,6 +95,8 @@ class DiagRecord:
     cookie: int
     uid: int
     inode: int
+    # idiag_rqueue: a listener's accept queue length, else the bytes waiting to be read
+    rqueue: int = 0
     # SK_MEMINFO_* slots when INET_DIAG_SKMEMINFO was asked for, else None
     meminfo: tuple[int, ...] | None = None
     # map id -> value bytes, for the maps named in the request that hold a
@@ -210,7 +212,7 @@ def _address(family: int, raw: bytes) -> str:
 def parse_record(payload: bytes) -> DiagRecord:
     """One inet_diag_msg and its attributes."""
     (family, state, _timer, _retrans, sport, dport, src, dst, ifindex, cookie_lo, cookie_hi,
-     _expires, _rqueue, _wqueue, uid, inode) = DIAG_MSG.unpack_from(payload)
+     _expires, rqueue, _wqueue, uid, inode) = DIAG_MSG.unpack_from(payload)
     attributes = dict(parse_attributes(payload[DIAG_MSG.size:]))
     meminfo = None
     if INET_DIAG_SKMEMINFO in attributes:
@@ -223,7 +225,7 @@ def parse_record(payload: bytes) -> DiagRecord:
         family=family, state=state,
         sport=int.from_bytes(sport, "big"), dport=int.from_bytes(dport, "big"),
         src=_address(family, src), dst=_address(family, dst), ifindex=ifindex,
-        cookie=cookie_lo | cookie_hi << 32, uid=uid, inode=inode,
+        cookie=cookie_lo | cookie_hi << 32, uid=uid, inode=inode, rqueue=rqueue,
         meminfo=meminfo, storages=storages, attributes=attributes)
 
 
