@@ -101,6 +101,15 @@ def link_create(
     return syscall.bpf(syscall.BPF_LINK_CREATE, attr)
 
 
+def run_on_packet(prog_fd: int, data: bytes, repeat: int = 1) -> int:
+    """BPF_PROG_TEST_RUN the program `repeat` times on a packet made of `data`; its return value."""
+    data_buf = ctypes.create_string_buffer(data, len(data))
+    attr = syscall.ProgTestRunAttr(prog_fd=prog_fd, data_size_in=len(data),
+                               data_in=ctypes.addressof(data_buf), repeat=repeat)
+    syscall.bpf(syscall.BPF_PROG_TEST_RUN, attr)
+    return attr.retval
+
+
 def iter_create(link_fd: int) -> int:
     """BPF_ITER_CREATE: a readable fd that runs the iterator program as it is read."""
     return syscall.bpf(syscall.BPF_ITER_CREATE, syscall.IterCreateAttr(link_fd=link_fd))

@@ -47,12 +47,16 @@ BPF_MAP_TYPE_SK_STORAGE = 24
 
 # enum bpf_prog_type
 BPF_PROG_TYPE_SOCKET_FILTER = 1
+BPF_PROG_TYPE_SCHED_CLS = 3
 BPF_PROG_TYPE_CGROUP_SKB = 8
+BPF_PROG_TYPE_CGROUP_SOCKOPT = 25
 BPF_PROG_TYPE_TRACING = 26
 
 # enum bpf_attach_type
 BPF_CGROUP_INET_INGRESS = 0
 BPF_CGROUP_INET_EGRESS = 1
+BPF_CGROUP_GETSOCKOPT = 21
+BPF_CGROUP_SETSOCKOPT = 22
 BPF_TRACE_ITER = 28
 
 # Map creation flags.
@@ -222,6 +226,28 @@ class IterLinkInfo(ctypes.Structure):
     """union bpf_iter_link_info, map member: which map a map-element iterator walks."""
 
     _fields_ = [("map_fd", u32)]
+
+
+class ProgTestRunAttr(ctypes.Structure):
+    """BPF_PROG_TEST_RUN (fields up to batch_size, 5.18; older kernels see zeros past theirs)."""
+
+    _fields_ = [
+        ("prog_fd", u32),
+        ("retval", u32),
+        ("data_size_in", u32),
+        ("data_size_out", u32),
+        ("data_in", u64),
+        ("data_out", u64),
+        ("repeat", u32),
+        ("duration", u32),
+        ("ctx_size_in", u32),
+        ("ctx_size_out", u32),
+        ("ctx_in", u64),
+        ("ctx_out", u64),
+        ("flags", u32),
+        ("cpu", u32),
+        ("batch_size", u32),
+    ]
 
 
 class EnableStatsAttr(ctypes.Structure):
