@@ -23,7 +23,7 @@ from typing import Callable
 
 from runner import preflight, record
 from runner.cache import open_cache
-from runner.commands import pipeline
+from runner.commands import option_groups, pipeline
 from runner.errors import ExitCode, InfrastructureError, RunnerError, UsageError
 from runner.stages import accel, artifacts, prebuilt, results, source
 
@@ -49,8 +49,6 @@ class BenchFailed(RunnerError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The kernel/boot options of a normal run plus the benchmark's own."""
-    from runner.commands import cli  # cli dispatches here; importing it at call time avoids a cycle
-
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--host", action="store_true",
                        help="measure this machine's own kernel (needs root), no guest")
@@ -67,7 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "every packet on a cache-cold socket")
     bench.add_argument("--from-json", type=Path, metavar="FILE",
                        help="only render a saved bench.json, run nothing")
-    cli.add_run_arguments(parser)
+    # No --shell (the guest runs the benchmark) and no -k (the benchmark is its one test).
+    option_groups.add_tree_options(parser)
+    option_groups.add_build_options(parser)
+    option_groups.add_prebuilt_options(parser)
+    option_groups.add_guest_options(parser)
+    option_groups.add_test_options(parser, keyword=False)
+    option_groups.add_file_options(parser)
 
 
 def guest_module_args(args: argparse.Namespace) -> list[str]:
@@ -336,15 +340,11 @@ def _validate(args: argparse.Namespace) -> None:
                       if value]
     if args.host and kernel_options:
         raise UsageError(f"--host measures the running kernel; drop {', '.join(kernel_options)}")
-    if args.shell or args.keyword:
-        raise UsageError("--shell and -k do not apply to bench")
 
 
 def main(args: argparse.Namespace, argv: Sequence[str] | None = None,
          log: Callable[[str], None] = print) -> int:
     """Run the benchmark (host or guest), then print its tables; exit code per ExitCode."""
-    from runner.commands import cli
-
     if args.from_json is not None:
         try:
             result = json.loads(Path(args.from_json).read_text())
@@ -355,7 +355,7 @@ def main(args: argparse.Namespace, argv: Sequence[str] | None = None,
     _validate(args)
     module_args = guest_module_args(args)
     argv = list(sys.argv[1:] if argv is None else argv)
-    options = cli.options_from_args(args, argv)
+    options = option_groups.options_from_args(args, argv)
     if not args.host:
         pipeline.validate(options)
         preflight.check_guest_visible(pipeline.guest_paths(options))

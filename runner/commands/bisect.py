@@ -52,7 +52,7 @@ from typing import Callable
 
 from runner import atomic_file, process_group
 from runner.cache import open_cache
-from runner.commands import cli, pipeline
+from runner.commands import option_groups, pipeline
 from runner.errors import ExitCode, Interrupted, RunnerError, UsageError
 from runner.interrupts import install_sigterm_handler
 from runner.record import RecordError, RunRecord, read_if_present
@@ -85,9 +85,6 @@ STEPS_DIR = "steps"
 BISECT_RUN_LOG = "bisect-run.log"
 GIT_BISECT_LOG = "git-bisect.log"
 RESULT_FILE = "bisect.json"
-# Run options a bisect cannot use: it always builds the tree it bisects.
-REJECTED_OPTIONS = {"kernel_image": "--kernel-image", "modules": "--modules",
-                    "distro_kernel": "--distro-kernel", "base": "--base", "shell": "--shell"}
 DEFAULT_RETRIES = 2
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # runner/<package>/<module>.py
@@ -195,9 +192,17 @@ def _bisect_safe_help(parser: argparse.ArgumentParser) -> None:
 
 
 def add_step_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of one step: a plain run's options plus --runs, --retries, --signature."""
+    """The options of one step: a run's options plus --runs, --retries, --signature.
+
+    A bisect builds every commit of the tree it bisects: no --base, no prebuilt
+    kernel, no --shell.
+    """
     _bisect_safe_help(parser)
-    cli.add_run_arguments(parser)
+    option_groups.add_tree_options(parser, base=False)
+    option_groups.add_build_options(parser)
+    option_groups.add_guest_options(parser)
+    option_groups.add_test_options(parser)
+    option_groups.add_file_options(parser)
     parser.add_argument("--runs", type=int, default=1, metavar="N",
                         help="test each commit up to N times: bad as soon as one run fails a "
                              "test of the signature, good when all N pass (default: "
@@ -220,11 +225,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_step_arguments(parser)
 
 
-def _reject_unusable(args: argparse.Namespace) -> None:
-    for dest, option in REJECTED_OPTIONS.items():
-        if getattr(args, dest, None):
-            raise UsageError(f"{option} does not apply to a bisect, which builds every "
-                             "commit of --kernel-src")
+def _check_counts(args: argparse.Namespace) -> None:
     if args.runs < 1:
         raise UsageError("--runs must be at least 1")
     if args.retries < 0:
@@ -245,37 +246,11 @@ def find_tree(path: Path | None) -> Path:
 
 
 def step_arguments(args: argparse.Namespace, tree: Path, out: Path) -> list[str]:
-    """The step's command-line options, rebuilt from the driver's parsed arguments."""
-    argv = ["--kernel-src", str(tree), "--output", str(out), "--runs", str(args.runs),
-            "--retries", str(args.retries),
-            "-j", str(args.jobs), "--accel", args.accel, "--cpus", str(args.cpus),
-            "--memory", args.memory, "--timeout", str(args.timeout),
-            "--stall-timeout", str(args.stall_timeout), "-m", args.markers or "",
-            "--suite", str(Path(args.suite).resolve())]
-    if args.series:
-        argv += ["--series", str(Path(args.series).resolve())]
-    for fragment in args.config:
-        argv += ["--config", str(Path(fragment).resolve())]
-    for test in args.signature:
-        argv += ["--signature", test]
-    if args.keyword:
-        argv += ["-k", args.keyword]
-    if args.cache_dir:
-        argv += ["--cache-dir", str(Path(args.cache_dir).resolve())]
-    if args.force:
-        argv.append("--force")
-    if args.verbose:
-        argv.append("--verbose")
-    if args.debug_kernel:
-        argv.append("--debug-kernel")
-    return argv
-
-
-# Every run option is either handed to the step above or refused; tests hold this list
-# against cli.add_run_arguments so a new option cannot be dropped silently.
-PASSED_OPTIONS = {"kernel_src", "output", "jobs", "accel", "cpus", "memory", "timeout",
-                  "stall_timeout", "markers", "suite", "series", "config", "keyword",
-                  "cache_dir", "force", "verbose", "debug_kernel"}
+    """The step's command line: the driver's step options as given, with the tree and output."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_step_arguments(parser)
+    return (["--kernel-src", str(tree), "--output", str(out)]
+            + option_groups.command_line(parser, args, skip={"kernel_src", "output"}))
 
 
 # --- one step -----------------------------------------------------------------------------
@@ -441,10 +416,10 @@ def step_main(argv: Sequence[str], run_once: RunOnce = pipeline.run) -> int:
                                          formatter_class=argparse.RawDescriptionHelpFormatter)
         add_step_arguments(parser)
         args = parser.parse_args(list(argv))
-        _reject_unusable(args)
+        _check_counts(args)
         tree = find_tree(args.kernel_src)
         out = Path(args.output or Path.cwd() / "runs" / "bisect").expanduser().absolute()
-        options = cli.options_from_args(args, list(argv))
+        options = option_groups.options_from_args(args, list(argv))
         commit = git(tree, "rev-parse", "HEAD", check=False).stdout.strip()
         step_dir = next_step_dir(out, commit)
     except SystemExit as exit_:  # argparse: a bad option is 2, --help 0 or 255; 2 stops git
@@ -841,7 +816,7 @@ def journal_dir_for(cache_root: Path, tree: Path) -> Path:
 
 def main(args: argparse.Namespace) -> int:
     """`run-selftests bisect`: check, drive `git bisect run`, report, always reset."""
-    _reject_unusable(args)
+    _check_counts(args)
     tree = find_tree(args.kernel_src)
     if not Path(args.suite).is_dir():
         raise UsageError(f"test suite directory {args.suite} does not exist; check --suite")

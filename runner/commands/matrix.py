@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from runner import preflight, record
-from runner.commands import pipeline
+from runner.commands import option_groups, pipeline
 from runner.errors import ExitCode, UsageError
 from runner.markdown import cell
 from runner.stages import artifacts, results
@@ -100,7 +100,7 @@ def options_for(base: pipeline.RunOptions, spec: KernelSpec, out: Path) -> pipel
         argv += ["-m", base.markers or ""]
     if base.keyword:
         argv += ["-k", base.keyword]
-    return dataclasses.replace(options, output=out, shell=False, argv=argv)
+    return dataclasses.replace(options, output=out, argv=argv)
 
 
 # --- one column from a run's files --------------------------------------------------------
@@ -267,40 +267,30 @@ def run_kernel(options: pipeline.RunOptions, spec: KernelSpec, out: Path,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """--kernels (or --from-dir) plus the guest/test/file options of a normal run."""
-    from runner.commands import cli  # cli dispatches here; importing it at call time avoids a cycle
-
     parser.add_argument("--kernels", default=DEFAULT_KERNELS, metavar="SPEC[,SPEC...]",
                         help="kernels to run the suite on: distro:VERSION, build:DIR, "
                              "image:PATH (default: %(default)s)")
     parser.add_argument("--from-dir", type=Path, metavar="DIR",
                         help="rebuild matrix.md/json from an earlier matrix output directory")
-    cli.add_run_arguments(parser)
-
-
-def _reject_single_kernel_options(args: argparse.Namespace) -> None:
-    given = [name for name, value in (("--kernel-src", args.kernel_src),
-                                      ("--kernel-image", args.kernel_image),
-                                      ("--distro-kernel", args.distro_kernel),
-                                      ("--modules", args.modules), ("--shell", args.shell))
-             if value]
-    if given:
-        raise UsageError(f"{', '.join(given)} name one kernel; matrix takes --kernels "
-                         "distro:V,build:DIR,image:PATH")
+    # --kernels names the kernels (no --kernel-src, --kernel-image, --distro-kernel);
+    # --base and the build options apply to its build:DIR kernels.  No --shell.
+    option_groups.add_tree_options(parser, kernel_src=False)
+    option_groups.add_build_options(parser)
+    option_groups.add_guest_options(parser)
+    option_groups.add_test_options(parser)
+    option_groups.add_file_options(parser)
 
 
 def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     """Run every kernel (or re-read them), write the tables; 0 only when every kernel passed,
     else the code results.overall_exit_code picks from the kernels' own verdicts."""
-    from runner.commands import cli
-
     if args.from_dir is not None:
         saved = json.loads((args.from_dir / MATRIX_JSON).read_text())
         specs = [KernelSpec(*k["spec"].split(":", 1)) for k in saved["kernels"]]
         return _finish(args.from_dir,
                        [column_from_dir(spec, args.from_dir / spec.slug) for spec in specs], log)
-    _reject_single_kernel_options(args)
     specs = parse_kernels(args.kernels)
-    options = cli.options_from_args(args, [])
+    options = option_groups.options_from_args(args, [])
     # Every kernel's run would refuse a hidden path; refuse it once, before any directory exists.
     preflight.check_guest_visible(pipeline.guest_paths(options))
     out = artifacts.prepare_output_dir(options.output)

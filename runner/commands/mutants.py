@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runner.cache import open_cache
-from runner.commands import pipeline, regressions
+from runner.commands import option_groups, pipeline, regressions
 from runner.errors import ExitCode, Interrupted, UsageError
 from runner.markdown import cell
 from runner.stages import artifacts
@@ -482,8 +482,6 @@ def equivalent_outcome(mutant: Mutant) -> Outcome:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """--only, --catalogue, --from-diff, --list, --from-dir, plus a normal run's options."""
-    from runner.commands import cli
-
     parser.add_argument("--only", metavar="ID[,ID...]", help="run only these catalogue mutants")
     parser.add_argument("--catalogue", type=Path, default=CATALOGUE, metavar="FILE",
                         help="mutant catalogue (default: kernel_patches/mutants/catalogue.json)")
@@ -494,7 +492,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the mutants (and check every one applies), build nothing")
     parser.add_argument("--from-dir", type=Path, metavar="DIR",
                         help="rebuild the table from an earlier mutants output directory")
-    cli.add_run_arguments(parser)
+    # A mutant always builds the default source + kernel_patches/series + one edit.
+    regressions.add_run_options(parser)
 
 
 def _title(args: argparse.Namespace) -> str:
@@ -579,10 +578,6 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
                     else outcome_from_dir(m, args.from_dir / m.id, known_failures=known)
                     for m in mutants if m.equivalent or (args.from_dir / m.id).is_dir()]
         return _finish(args.from_dir, outcomes, _title(args), log, known)
-    given = [flag for dest, flag in regressions._REFUSED.items() if getattr(args, dest, None)]
-    if given:
-        raise UsageError(f"{', '.join(given)} pick another kernel; mutants always build the "
-                         "default source + kernel_patches/series + one mutant")
     mutants, patches = prepare(args, log)
     if args.list:
         for m in mutants:
@@ -641,12 +636,10 @@ def baseline(args: argparse.Namespace, out: Path, log: Callable[[str], None]) ->
     """
     target = out / BASELINE
     log(f"mutants: the unmutated kernel first; log: {target / regressions.RUN_LOG}")
-    from runner.commands import cli
-
     reproducer = (["-k", args.keyword] if args.keyword else []) + (
         ["-m", args.markers] if args.markers else [])
-    options = cli.options_from_args(args, reproducer)
-    options = dataclasses.replace(options, series=None, output=target, shell=False)
+    options = option_groups.options_from_args(args, reproducer)
+    options = dataclasses.replace(options, output=target)
     seconds, error = regressions.run_one(options, target, log, args.verbose)
     known, problem = baseline_failures(target)
     if problem:

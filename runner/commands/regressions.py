@@ -39,7 +39,7 @@ from typing import Callable
 
 from runner import atomic_file, file_lock, preflight, record
 from runner.cache import Cache, open_cache
-from runner.commands import pipeline, regression_verdict
+from runner.commands import option_groups, pipeline, regression_verdict
 from runner.commands.pipeline import RUN_LOG
 from runner.errors import ExitCode, Interrupted, UsageError
 from runner.stages import artifacts, results
@@ -51,10 +51,6 @@ SLOT = "regression.patch"
 REGRESSIONS_MD = "regressions.md"
 REGRESSIONS_JSON = "regressions.json"
 SCHEMA = 1
-# Options that pick another kernel than "default source + series + one regression".
-_REFUSED = {"kernel_src": "--kernel-src", "base": "--base", "series": "--series",
-            "kernel_image": "--kernel-image", "modules": "--modules",
-            "distro_kernel": "--distro-kernel", "shell": "--shell"}
 # Pipeline log lines worth showing live; everything goes to <id>/runner.log.
 _PROGRESS = ("patches:", "config:", "build:", "boot:", "VERDICT", "kmemleak:")
 
@@ -194,24 +190,23 @@ def sweep_lock(directory: Path, log: Callable[[str], None]) -> Iterator[None]:
 def options_for(args: argparse.Namespace, regression: Regression, series: Path,
                 out: Path) -> pipeline.RunOptions:
     """The command line's run options, the entry's runner_args on top, the slot series."""
-    from runner.commands import cli  # cli dispatches here; importing it at call time avoids a cycle
-
-    parser = argparse.ArgumentParser(prog=f"manifest runner_args of {regression.id}",
-                                     add_help=False)
-    cli.add_run_arguments(parser)
+    # runner_args take the options the command line could have given, and no others.
+    parser = option_groups.Parser(prog=f"manifest runner_args of {regression.id}",
+                                  add_help=False)
+    add_run_options(parser)
     merged = copy.deepcopy(args)
     try:
         parser.parse_args(list(regression.runner_args), namespace=merged)
-    except SystemExit:
+    except UsageError:
         raise UsageError(f"manifest entry {regression.id}: runner_args "
                          f"{' '.join(regression.runner_args)!r} are not run-selftests "
-                         "options") from None
-    options = cli.options_from_args(merged, [])
+                         "regressions options") from None
+    options = option_groups.options_from_args(merged, [])
     # The reproducer in summary.json: this very regression again.
     argv = ["regressions", "--only", regression.id]
     if args.debug_kernel:
         argv.append("--debug-kernel")
-    return dataclasses.replace(options, series=series, output=out, shell=False, argv=argv)
+    return dataclasses.replace(options, series=series, output=out, argv=argv)
 
 
 def run_one(options: pipeline.RunOptions, out: Path, log: Callable[[str], None],
@@ -271,9 +266,7 @@ def outcome_from_dir(regression: Regression, out: Path, seconds: float | None = 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--only, --manifest, --from-dir, plus the kernel/guest/test options of a normal run."""
-    from runner.commands import cli
-
+    """--only, --manifest, --from-dir, plus the run options a regression can take."""
     parser.add_argument("--only", metavar="ID[,ID...]",
                         help="run only these regressions (manifest ids or patch numbers "
                              "such as 05)")
@@ -282,7 +275,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "manifest.json)")
     parser.add_argument("--from-dir", type=Path, metavar="DIR",
                         help="rebuild the table from an earlier regressions output directory")
-    cli.add_run_arguments(parser)
+    add_run_options(parser)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The run options a regression can take: it always builds the default source +
+    kernel_patches/series + its patch, so no kernel choice, no --series and no --shell."""
+    option_groups.add_build_options(parser, series=False)
+    option_groups.add_guest_options(parser)
+    option_groups.add_test_options(parser)
+    option_groups.add_file_options(parser)
 
 
 def write_tables(out: Path, outcomes: Sequence[regression_verdict.Outcome],
@@ -320,16 +322,10 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
         return _finish(args.from_dir, [outcome_from_dir(r, args.from_dir / r.id)
                                        for r in regressions if (args.from_dir / r.id).is_dir()],
                        _title(args), log)
-    given = [flag for dest, flag in _REFUSED.items() if getattr(args, dest, None)]
-    if given:
-        raise UsageError(f"{', '.join(given)} pick another kernel; regressions always build "
-                         "the default source + kernel_patches/series + one regression patch")
     if not pipeline.DEFAULT_SERIES.exists():
         raise UsageError(f"the default series {pipeline.DEFAULT_SERIES} is missing")
     # Every regression's run would refuse a hidden path; refuse it once, before any directory.
-    from runner.commands import cli
-
-    preflight.check_guest_visible(pipeline.guest_paths(cli.options_from_args(args, [])))
+    preflight.check_guest_visible(pipeline.guest_paths(option_groups.options_from_args(args, [])))
     out = artifacts.prepare_output_dir(args.output)
     cache = open_cache(args.cache_dir)
     log(f"regressions: {len(regressions)} regression(s) into {out}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import TESTS
 
-from runner.commands import cli, pipeline, regression_verdict, regressions
+from runner.commands import cli, option_groups, pipeline, regression_verdict, regressions
 from runner.commands.regression_verdict import (
     CAUGHT,
     CAUGHT_CRASH,
@@ -292,10 +292,15 @@ def test_runner_args_that_are_not_run_options_are_a_usage_error(tmp_path):
         regressions.options_for(args, entry, tmp_path / "series", tmp_path / "out")
 
 
-def test_options_that_pick_another_kernel_are_refused(tmp_path):
-    args = parse_regressions_args(["--distro-kernel", "6.1", "--output", str(tmp_path / "o")])
-    with pytest.raises(UsageError, match="--distro-kernel pick another kernel"):
-        regressions.main(args, log=lambda line: None)
+@pytest.mark.parametrize("option", [["--kernel-src", "k"], ["--base", "v6.1"], ["--series", "s"],
+                                    ["--kernel-image", "i"], ["--modules", "m"],
+                                    ["--distro-kernel", "6.1"], ["--shell"], ["--target", "t"]])
+def test_options_that_pick_another_kernel_are_not_offered(option):
+    # A regression always builds the default source + series + its patch.
+    parser = option_groups.Parser(prog="run-selftests regressions")
+    regressions.add_arguments(parser)
+    with pytest.raises(UsageError, match="unrecognized arguments"):
+        parser.parse_args(option)
 
 
 def test_the_subcommand_parses_its_own_and_the_run_options():
@@ -303,7 +308,7 @@ def test_the_subcommand_parses_its_own_and_the_run_options():
     assert cli.SUBCOMMANDS["regressions"] == "runner.commands.regressions"
     args = parse_regressions_args(["--only", "05", "--debug-kernel"])
     assert args.only == "05" and args.debug_kernel
-    assert cli.options_from_args(args, []).debug_kernel
+    assert option_groups.options_from_args(args, []).debug_kernel
 
 
 # --- from saved run directories ---------------------------------------------------------------
