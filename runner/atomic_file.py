@@ -13,10 +13,15 @@ def write_text(path: Path, text: str) -> Path:
     The temporary file is this process's own, so two runs writing the same file
     (a cache memo) cannot interleave; it is removed again if the write fails.
     """
+    return write_bytes(path, text.encode())
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    """write_text for bytes."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
