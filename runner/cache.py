@@ -76,6 +76,11 @@ class Cache:
         return self.root / "guest-pycache"
 
     @property
+    def guest_bundles(self) -> Path:
+        """Import bundles for the guest's start-up (stages/guest_bundle.py), one per checkout."""
+        return self.root / "guest-bundles"
+
+    @property
     def ccache(self) -> Path:
         """ccache directory shared by every build directory."""
         return self.root / "ccache"

@@ -95,14 +95,16 @@ def pytest_arguments(suite: str, junit: str, markers: str | None,
 def guest_test_command(
     python: str, suite_dir: Path, output_dir: Path, markers: str | None,
     keyword: str | None, extra_args: Sequence[str] = (), pycache_dir: Path | None = None,
+    launcher: Sequence[str] | None = None,
 ) -> str:
     """The shell command the guest runs: pytest on the suite, exit code into its own file.
 
     extra_args are appended to pytest's argv as they are (quoted for the shell).
     pycache_dir, a directory the guest can write (see run_guest's rw_dirs),
     keeps the bytecode of everything the guest imports from one run to the next.
+    launcher replaces `python -m` (guest_bundle.GuestBundle.launcher).
     """
-    pytest = [python, "-m", "pytest",
+    pytest = [*(launcher or [python, "-m"]), "pytest",
               *pytest_arguments(str(suite_dir), str(output_dir / JUNIT_FILE), markers, keyword),
               *extra_args]
     # Start-up over 9p under TCG is slow: no scan of every installed
