@@ -16,7 +16,7 @@ import socket
 import pytest
 from bpfkit import charges, maps, probes, syscall, sysctl
 
-pytestmark = pytest.mark.teardown
+pytestmark = [pytest.mark.teardown, pytest.mark.charges]
 
 OPTMEM_MAX = "net.core.optmem_max"
 

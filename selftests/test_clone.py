@@ -18,7 +18,7 @@ import struct
 import pytest
 from bpfkit import charges, elements, maps, probes, sockdiag, syscall, sysctl
 
-pytestmark = pytest.mark.teardown
+pytestmark = [pytest.mark.teardown, pytest.mark.clone]
 
 CLONE = syscall.BPF_F_NO_PREALLOC | syscall.BPF_F_CLONE
 WAIT = float(os.environ.get("SK_STORAGE_CLEANUP_TIMEOUT", "30"))

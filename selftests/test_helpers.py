@@ -48,7 +48,7 @@ from bpfkit.asm import (
     stx_mem,
 )
 
-pytestmark = pytest.mark.prog
+pytestmark = [pytest.mark.prog, pytest.mark.helpers]
 
 SKB_SK = 168  # offsetof(struct __sk_buff, sk)
 EGRESS = syscall.BPF_CGROUP_INET_EGRESS

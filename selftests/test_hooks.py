@@ -58,7 +58,7 @@ from bpfkit.asm import (
     stx_mem,
 )
 
-pytestmark = pytest.mark.prog
+pytestmark = [pytest.mark.prog, pytest.mark.hooks]
 
 BPF_PROG_TYPE_SOCK_OPS = 13
 BPF_CGROUP_SOCK_OPS = 3

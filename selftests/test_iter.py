@@ -42,7 +42,7 @@ from bpfkit.asm import (
     stx_mem,
 )
 
-pytestmark = pytest.mark.map_free
+pytestmark = [pytest.mark.map_free, pytest.mark.iterators]
 
 # struct bpf_iter__bpf_sk_storage_map { meta; map; sk; value; } and bpf_iter_meta.seq
 CTX_META, CTX_SK, CTX_VALUE, META_SEQ = 0, 16, 24, 0

@@ -34,7 +34,7 @@ from bpfkit.asm import (
     st_mem,
 )
 
-pytestmark = pytest.mark.prog
+pytestmark = [pytest.mark.prog, pytest.mark.hooks]
 
 BPF_PROG_TYPE_CGROUP_SOCK = 9
 BPF_CGROUP_INET_SOCK_CREATE = 2

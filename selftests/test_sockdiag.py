@@ -19,7 +19,7 @@ import time
 import pytest
 from bpfkit import child, maps, probes, sockdiag, syscall, sysctl
 
-pytestmark = pytest.mark.fd_ops
+pytestmark = [pytest.mark.fd_ops, pytest.mark.sock_diag]
 
 # A freed map leaves the id table in deferred work; under TCG that can take a while.
 FREE_TIMEOUT = float(os.environ.get("SK_STORAGE_CLEANUP_TIMEOUT", "30"))

@@ -46,7 +46,7 @@ from bpfkit.asm import (
     stx_mem,
 )
 
-pytestmark = pytest.mark.prog
+pytestmark = [pytest.mark.prog, pytest.mark.tracing]
 
 F_CREATE = syscall.BPF_SK_STORAGE_GET_F_CREATE
 MARK = 0xACCE7ED

@@ -39,7 +39,7 @@ from bpfkit.asm import (
     st_mem,
 )
 
-pytestmark = pytest.mark.prog
+pytestmark = [pytest.mark.prog, pytest.mark.verifier]
 
 SKB_SK = 168
 EGRESS = syscall.BPF_CGROUP_INET_EGRESS
