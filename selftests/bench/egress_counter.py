@@ -26,7 +26,7 @@ import struct
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from bpfkit import cgroup, maps, probes, prog, syscall
@@ -58,7 +58,7 @@ from bpfkit.asm import (
     stx_mem,
 )
 
-from bench import stats
+from bench import perf_counters, stats
 
 SCHEMA = 1
 # The commit message's numbers: 4096 connected UDP sockets driven by netperf.
@@ -306,6 +306,8 @@ class Measurement:
     wall_seconds: float
     xlated_bytes: int
     jited_bytes: int
+    # --perf: perf_event counts over the measured phase (this process, user and kernel)
+    counters: dict = field(default_factory=dict)
 
 
 def _counters(info: prog.ProgInfo) -> tuple[int, int]:
@@ -313,9 +315,10 @@ def _counters(info: prog.ProgInfo) -> tuple[int, int]:
 
 
 def measure(variant: Variant, sockets: int, packets: int, burst: int, repeat: int,
-            cgroup_fd: int) -> Measurement:
+            cgroup_fd: int, perf: bool = False) -> Measurement:
     """Fresh map, program and sockets; one warm-up round creates every counter, then the
-    measured phase; raises BenchmarkFailed when the counters disagree with the traffic."""
+    measured phase; raises BenchmarkFailed when the counters disagree with the traffic.
+    With perf, hardware counters cover the measured phase too (perf_counters)."""
     map_fd = variant.create_map(sockets)
     try:
         prog_fd = prog.load_program(syscall.BPF_PROG_TYPE_CGROUP_SKB, variant.program(map_fd),
@@ -327,7 +330,8 @@ def measure(variant: Variant, sockets: int, packets: int, burst: int, repeat: in
                     send_bursts(senders, sockets)
                     start_ns, start_cnt = _counters(prog.prog_info(prog_fd))
                     started = time.monotonic()
-                    send_bursts(senders, packets, burst)
+                    with perf_counters.counting() if perf else contextlib.nullcontext() as counted:
+                        send_bursts(senders, packets, burst)
                     wall = time.monotonic() - started
                     end_ns, end_cnt = _counters(prog.prog_info(prog_fd))
                 observed = [variant.counter(map_fd, sock) for sock in senders]
@@ -357,6 +361,7 @@ def measure(variant: Variant, sockets: int, packets: int, burst: int, repeat: in
         ns_per_run=(end_ns - start_ns) / (end_cnt - start_cnt),
         warmup_run_time_ns=start_ns, warmup_run_cnt=start_cnt, wall_seconds=round(wall, 4),
         xlated_bytes=raw.xlated_prog_len, jited_bytes=raw.jited_prog_len,
+        counters=dict(counted.values) if perf else {},
     )
 
 
@@ -436,7 +441,16 @@ def point_summary(measurements: Sequence[Measurement]) -> dict:
         "runs": {v: sum(m.run_cnt for m in measurements if m.variant == v) for v in VARIANTS},
         "ratio_sk_storage_to_hash": stats.ratio_summary(by_variant["sk_storage"],
                                                         by_variant["hash"]),
+        **({"per_run": per_run_counters(measurements)} if first.counters else {}),
     }
+
+
+def per_run_counters(measurements: Sequence[Measurement]) -> dict:
+    """Per variant and counter: the median over repeats of count / program runs."""
+    return {v: {name: stats.summarize([m.counters[name] / m.run_cnt for m in measurements
+                                       if m.variant == v])
+                for name in sorted(measurements[0].counters)}
+            for v in VARIANTS}
 
 
 def check_can_run() -> None:
@@ -452,9 +466,16 @@ def check_can_run() -> None:
 
 
 def run(socket_counts: Sequence[int], packets: int, repeats: int,
-        progress: Callable[[str], None], burst: int = 1) -> dict:
+        progress: Callable[[str], None], burst: int = 1, perf: bool = False) -> dict:
     """Measure every (socket count, repeat, variant) and return the JSON-ready result."""
     check_can_run()
+    unavailable = {}
+    if perf:
+        with perf_counters.counting() as probe:
+            pass
+        unavailable = probe.unavailable
+        for name, why in unavailable.items():
+            progress(f"perf: {name} unavailable here ({why})")
     fd_limit = raise_fd_limit(max(socket_counts) + FD_HEADROOM)
     memlock = lift_memlock_limit()
     counts, dropped = socket_counts_within(socket_counts, fd_limit)
@@ -476,7 +497,7 @@ def run(socket_counts: Sequence[int], packets: int, repeats: int,
                         for name in order:
                             m = measure(VARIANT_BY_NAME[name], sockets,
                                         packets_for(sockets, packets), burst, repeat,
-                                        cgroup_fd)
+                                        cgroup_fd, perf)
                             measurements.append(m)
                             progress(f"{sockets:>6} sockets  {name:<10} repeat {repeat + 1}/"
                                      f"{repeats}: {m.ns_per_run:7.1f} ns/run over {m.run_cnt} "
@@ -500,6 +521,7 @@ def run(socket_counts: Sequence[int], packets: int, repeats: int,
                    "hash_max_entries": HASH_MAX_ENTRIES, "warmup_rounds": 1},
         "seed": SEED,
         "notes": notes,
+        "perf": {"requested": perf, "unavailable": unavailable},
         "points": [point_summary([m for m in measurements if m.sockets == s]) for s in counts],
         "measurements": [asdict(m) for m in measurements],
     }
@@ -535,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default) is round-robin, every packet on a cold socket")
     parser.add_argument("--repeat", type=int, default=DEFAULT_REPEATS, metavar="N",
                         help="measurements per variant and socket count (default: %(default)s)")
+    parser.add_argument("--perf", action="store_true",
+                        help="also count cycles, instructions and cache misses over each "
+                             "measured phase (perf_event_open; needs a PMU and root)")
     parser.add_argument("--output", metavar="FILE", help="write the JSON here, not to stdout")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     return parser
@@ -554,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line, file=sys.stderr, flush=True)
 
     try:
-        result = run(counts, args.packets, args.repeat, progress, args.burst)
+        result = run(counts, args.packets, args.repeat, progress, args.burst, args.perf)
     except CannotRun as err:
         print(f"bench: cannot run: {err}", file=sys.stderr)
         return EXIT_CANNOT_RUN
