@@ -51,48 +51,74 @@ class _Type:
 
 
 class BtfLayout:
-    """Every type of a BTF blob, enough to compute member offsets and type sizes."""
+    """Every type of a BTF blob, enough to compute member offsets and type sizes.
+
+    The constructor only records where each type starts and which string names it:
+    a kernel has 40,000-130,000 types, and decoding them all costs seconds in a TCG
+    guest, while a test looks up a handful.
+    """
 
     def __init__(self, blob: bytes) -> None:
         magic, _version, _flags, hdr_len, type_off, type_len, str_off, str_len = (
             struct.unpack_from("<HBBIIIII", blob))
         if magic != btf.BTF_MAGIC:
             raise ValueError(f"not a BTF blob (magic {magic:#x})")
-        strings = blob[hdr_len + str_off: hdr_len + str_off + str_len]
-
-        def name_at(offset: int) -> str:
-            return strings[offset: strings.index(b"\0", offset)].decode()
-
-        self._types: list[_Type | None] = [None]  # id 0 is void
-        self._by_name: dict[tuple[int, str], int] = {}
+        self._blob = blob
+        self._strings = blob[hdr_len + str_off: hdr_len + str_off + str_len]
+        self._starts = [0]  # blob offset of each type's header; id 0 is void
+        self._by_name_off: dict[tuple[int, int], int] = {}
+        self._decoded: dict[int, _Type] = {}
+        tails = btf._KIND_TAIL
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
+        unpack = struct.Struct("<II").unpack_from
         while pos < end:
-            name_off, info, size_or_type = struct.unpack_from("<III", blob, pos)
-            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
-            if kind not in btf._KIND_TAIL:
-                raise ValueError(f"BTF type {len(self._types)} has unknown kind {kind}")
-            fixed, per_entry = btf._KIND_TAIL[kind]
-            tail_len = fixed + per_entry * vlen
-            name = name_at(name_off) if name_off else ""
-            self._types.append(_Type(kind, name, bool(info >> 31), size_or_type,
-                                     blob[pos + 12: pos + 12 + tail_len], vlen))
-            if name:
-                self._by_name.setdefault((kind, name), len(self._types) - 1)
-            pos += 12 + tail_len
-        self._name_at = name_at
+            name_off, info = unpack(blob, pos)
+            kind = (info >> 24) & 0x1F
+            if kind not in tails:
+                raise ValueError(f"BTF type {len(self._starts)} has unknown kind {kind}")
+            fixed, per_entry = tails[kind]
+            if name_off:
+                self._by_name_off.setdefault((kind, name_off), len(self._starts))
+            self._starts.append(pos)
+            pos += 12 + fixed + per_entry * (info & 0xFFFF)
+
+    def _name_at(self, offset: int) -> str:
+        return self._strings[offset: self._strings.index(b"\0", offset)].decode()
+
+    def _name_offsets(self, name: str) -> list[int]:
+        """Every offset of the string table where exactly `name` is stored."""
+        needle, found, start = b"\0" + name.encode() + b"\0", [], 0
+        while (at := self._strings.find(needle, start)) != -1:
+            found.append(at + 1)
+            start = at + 1
+        return found
+
+    def _find(self, kind: int, name: str) -> int | None:
+        ids = [self._by_name_off[(kind, off)] for off in self._name_offsets(name)
+               if (kind, off) in self._by_name_off]
+        return min(ids) if ids else None
 
     def _type(self, type_id: int) -> _Type:
-        found = self._types[type_id] if 0 < type_id < len(self._types) else None
-        if found is None:
+        if not 0 < type_id < len(self._starts):
             raise LookupError(f"BTF has no type id {type_id}")
+        found = self._decoded.get(type_id)
+        if found is None:
+            pos = self._starts[type_id]
+            name_off, info, size_or_type = struct.unpack_from("<III", self._blob, pos)
+            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            fixed, per_entry = btf._KIND_TAIL[kind]
+            found = _Type(kind, self._name_at(name_off) if name_off else "", bool(info >> 31),
+                          size_or_type, self._blob[pos + 12: pos + 12 + fixed + per_entry * vlen],
+                          vlen)
+            self._decoded[type_id] = found
         return found
 
     def struct_id(self, name: str) -> int:
         """Id of the struct called `name`; LookupError when there is none."""
-        try:
-            return self._by_name[(btf.BTF_KIND_STRUCT, name)]
-        except KeyError:
-            raise LookupError(f"BTF has no struct {name!r}") from None
+        found = self._find(btf.BTF_KIND_STRUCT, name)
+        if found is None:
+            raise LookupError(f"BTF has no struct {name!r}")
+        return found
 
     def resolve(self, type_id: int) -> int:
         """type_id with typedefs and qualifiers looked through."""
