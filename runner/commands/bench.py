@@ -25,7 +25,7 @@ from runner import preflight, record
 from runner.cache import open_cache
 from runner.commands import option_groups, pipeline
 from runner.errors import ExitCode, InfrastructureError, RunnerError, UsageError
-from runner.stages import accel, artifacts, prebuilt, results, source
+from runner.stages import accel, artifacts, results
 
 BENCH_JSON = "bench.json"
 BENCH_EXIT_FILE = "bench-exitcode"
@@ -121,22 +121,17 @@ def run_in_guest(options: pipeline.RunOptions, out: Path, module_args: Sequence[
                  summary: record.RunRecord, log: Callable[[str], None]) -> results.Verdict:
     """Obtain and boot the kernel like a normal run with the bench as the guest command."""
     cache = open_cache(options.cache_dir)
-    user_source = source.open_user_source(options.kernel_src) if options.kernel_src else None
-    image = (prebuilt.open_kernel_image(options.kernel_image, options.modules, cache)
-             if options.kernel_image else None)
-    preflight.check(pipeline.requirements(options, user_source, cache))
-    timings = pipeline.run_timings(summary)
-    kernel = pipeline.obtain_kernel(options, user_source, image, cache, out, timings, summary,
-                                    log)
-    pipeline.kernel_facts(summary).update(image=str(kernel.image), origin=kernel.origin,
-                                          release=kernel.release, **kernel.details)
+    provider = pipeline.kernel_provider(options, cache)
+    preflight.check(pipeline.requirements(provider))
+    kernel = pipeline.obtain_kernel(provider, out, pipeline.run_timings(summary), summary, log)
     plan = accel.plan_for_host(options.accel, cache.kvm_verdict)
     log(f"boot: {plan.reason}")
     command = guest_bench_command(sys.executable, Path(options.suite).resolve(), out,
                                   module_args)
-    outcome = pipeline.boot_and_record(kernel, out, command, plan, options, cache, summary, log)
-    pipeline.kernel_facts(summary)["release"] = pipeline.kernel_release(out, kernel.release)
-    return judge_guest_run(out, outcome.status)
+    target = pipeline.VmTarget(kernel, command, plan, options, cache)
+    status, declared_release = target.run(out, summary, log)
+    pipeline.kernel_facts(summary)["release"] = pipeline.kernel_release(out, declared_release)
+    return judge_guest_run(out, status)
 
 
 def judge_guest_run(out: Path, boot_status: str) -> results.Verdict:

@@ -44,7 +44,7 @@ from runner.cache import open_cache
 from runner.commands import option_groups, pipeline, regressions
 from runner.errors import ExitCode, Interrupted, UsageError
 from runner.markdown import cell
-from runner.stages import artifacts
+from runner.stages import artifacts, results
 from runner.stages.patches import load_series, tree_lock
 
 CATALOGUE = pipeline.REPO_ROOT / "kernel_patches" / "mutants" / "catalogue.json"
@@ -430,10 +430,11 @@ def write_tables(out: Path, outcomes: Sequence[Outcome], title: str,
 
 
 def exit_code(outcomes: Sequence[Outcome]) -> int:
-    """0 when nothing survived; 1 when a mutant survived; the first error run's code first."""
-    for outcome in outcomes:
-        if outcome.status == ERROR:
-            return int(outcome.exit_code or ExitCode.INFRASTRUCTURE)
+    """0 when nothing survived; 1 when a mutant survived; a run that could not judge its
+    kernel gives its code first (by results.overall_exit_code, as regressions do)."""
+    broken = [o.exit_code or None for o in outcomes if o.status == ERROR]
+    if broken:
+        return int(results.overall_exit_code(broken))
     if any(o.status == SURVIVED for o in outcomes):
         return int(ExitCode.TEST_FAILURE)
     return int(ExitCode.PASS)

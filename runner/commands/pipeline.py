@@ -17,7 +17,7 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from runner import preflight, progress, record
 from runner.cache import Cache, open_cache
@@ -144,25 +144,6 @@ def guest_paths(options: RunOptions) -> list[preflight.GuestPath]:
             output]
 
 
-def requirements(options: RunOptions, user_source: source.KernelSource | None,
-                 cache: Cache) -> list[preflight.Requirement]:
-    """Every tool this particular run will need, so preflight can report all at once."""
-    needed = list(preflight.BOOT_TOOLS)
-    if options.distro_kernel:
-        needed += preflight.DISTRO_KERNEL_TOOLS
-    elif options.kernel_image is None:
-        needed += preflight.BUILD_TOOLS
-        if user_source is None:
-            needed += preflight.PLAIN_TREE_TOOLS
-            if source.read_stamp(cache) is None:
-                needed += preflight.DEBIAN_ARCHIVE_TOOLS
-        elif user_source.is_git:
-            needed += preflight.GIT_TOOLS
-        else:
-            needed += preflight.PLAIN_TREE_TOOLS
-    return needed
-
-
 def build_from_source(
     options: RunOptions, user_source: source.KernelSource | None, cache: Cache, out: Path,
     timings: dict, summary: record.RunRecord, log: Callable[[str], None],
@@ -239,22 +220,152 @@ def build_from_source(
                         details={"build_dir": str(build_dir.root)})
 
 
-def obtain_kernel(options: RunOptions, user_source: source.KernelSource | None,
-                  image: prebuilt.PrebuiltKernel | None, cache: Cache, out: Path,
-                  timings: dict, summary: record.RunRecord,
-                  log: Callable[[str], None]) -> KernelToBoot:
-    """A prebuilt kernel when one was named, otherwise a build from source."""
-    if image is not None:
-        kernel = image
-    elif options.distro_kernel:
+# --- where the kernel comes from, and where the suite runs ---------------------------------
+
+
+class KernelProvider(Protocol):
+    """Where the kernel under test comes from (tuxmake's runtimes, kunit's operations)."""
+
+    def tools(self) -> list[preflight.Requirement]:
+        """Host tools obtaining this kernel needs, besides those every boot needs."""
+        ...
+
+    def obtain(self, out: Path, timings: dict, summary: record.RunRecord,
+               log: Callable[[str], None]) -> KernelToBoot:
+        """Build or fetch the kernel; timings and summary say what that took."""
+        ...
+
+
+@dataclass
+class SourceBuild:
+    """The default source or --kernel-src [--base], built here (also as --debug-kernel)."""
+
+    options: RunOptions
+    user_source: source.KernelSource | None
+    cache: Cache
+
+    def tools(self) -> list[preflight.Requirement]:
+        needed = list(preflight.BUILD_TOOLS)
+        if self.user_source is None:
+            needed += preflight.PLAIN_TREE_TOOLS
+            if source.read_stamp(self.cache) is None:
+                needed += preflight.DEBIAN_ARCHIVE_TOOLS
+        elif self.user_source.is_git:
+            needed += preflight.GIT_TOOLS
+        else:
+            needed += preflight.PLAIN_TREE_TOOLS
+        return needed
+
+    def obtain(self, out: Path, timings: dict, summary: record.RunRecord,
+               log: Callable[[str], None]) -> KernelToBoot:
+        return build_from_source(self.options, self.user_source, self.cache, out, timings,
+                                 summary, log)
+
+
+@dataclass
+class KernelImage:
+    """--kernel-image PATH [--modules DIR]: booted as it is."""
+
+    image: prebuilt.PrebuiltKernel
+
+    def tools(self) -> list[preflight.Requirement]:
+        return []
+
+    def obtain(self, out: Path, timings: dict, summary: record.RunRecord,
+               log: Callable[[str], None]) -> KernelToBoot:
+        return _prebuilt_kernel(self.image, log)
+
+
+@dataclass
+class DistroKernel:
+    """--distro-kernel VERSION: Debian's linux-image package, fetched into the cache."""
+
+    version: str
+    cache: Cache
+
+    def tools(self) -> list[preflight.Requirement]:
+        return list(preflight.DISTRO_KERNEL_TOOLS)
+
+    def obtain(self, out: Path, timings: dict, summary: record.RunRecord,
+               log: Callable[[str], None]) -> KernelToBoot:
         started = time.monotonic()
-        kernel = prebuilt.fetch_distro_kernel(options.distro_kernel, cache, log=log)
+        kernel = prebuilt.fetch_distro_kernel(self.version, self.cache, log=log)
         timings["fetch"] = round(time.monotonic() - started, 2)
-    else:
-        return build_from_source(options, user_source, cache, out, timings, summary, log)
+        return _prebuilt_kernel(kernel, log)
+
+
+def _prebuilt_kernel(kernel: prebuilt.PrebuiltKernel, log: Callable[[str], None]) -> KernelToBoot:
     log(f"kernel: {kernel.origin}")
     return KernelToBoot(kernel.image, kernel.origin, kernel.release,
                         {"modules_dir": str(kernel.modules_dir) if kernel.modules_dir else None})
+
+
+def kernel_provider(options: RunOptions, cache: Cache) -> KernelProvider:
+    """The provider the options name; its inputs are checked now, before any output exists."""
+    if options.kernel_image:
+        return KernelImage(prebuilt.open_kernel_image(options.kernel_image, options.modules,
+                                                      cache))
+    if options.distro_kernel:
+        return DistroKernel(options.distro_kernel, cache)
+    user_source = source.open_user_source(options.kernel_src) if options.kernel_src else None
+    return SourceBuild(options, user_source, cache)
+
+
+def requirements(provider: KernelProvider) -> list[preflight.Requirement]:
+    """Every tool a run on this kernel will need, so preflight can report all at once."""
+    return [*preflight.BOOT_TOOLS, *provider.tools()]
+
+
+def obtain_kernel(provider: KernelProvider, out: Path, timings: dict,
+                  summary: record.RunRecord, log: Callable[[str], None]) -> KernelToBoot:
+    """The kernel from its provider, with what it is recorded in summary."""
+    kernel = provider.obtain(out, timings, summary, log)
+    kernel_facts(summary).update(image=str(kernel.image), origin=kernel.origin,
+                                 release=kernel.release, **kernel.details)
+    return kernel
+
+
+class Target(Protocol):
+    """Where the suite runs: a VM booted here, or a machine over SSH (a kept guest is one)."""
+
+    # results.TARGET_VM or TARGET_SSH: which skips the verdict accepts.
+    kind: str
+
+    def run(self, out: Path, summary: record.RunRecord,
+            log: Callable[[str], None]) -> tuple[str, str | None]:
+        """Run the suite into out; (how the run ended, the kernel release it declared)."""
+        ...
+
+
+@dataclass
+class VmTarget:
+    """A guest booted on this host with `command` as its job (the suite, or the benchmark)."""
+
+    kernel: KernelToBoot
+    command: str
+    plan: accel.AccelPlan
+    options: RunOptions
+    cache: Cache
+    kind: str = results.TARGET_VM
+
+    def run(self, out: Path, summary: record.RunRecord,
+            log: Callable[[str], None]) -> tuple[str, str | None]:
+        outcome = boot_and_record(self.kernel, out, self.command, self.plan, self.options,
+                                  self.cache, summary, log)
+        return outcome.status, self.kernel.release
+
+
+@dataclass
+class SshTarget:
+    """--target: a machine over SSH, running its own kernel; a --keep guest is reached so too."""
+
+    options: RunOptions
+    cache: Cache
+    kind: str = results.TARGET_SSH
+
+    def run(self, out: Path, summary: record.RunRecord,
+            log: Callable[[str], None]) -> tuple[str, str | None]:
+        return run_on_target(self.options, self.cache, out, run_timings(summary), summary, log)
 
 
 def known_bug_backports(series_summary: dict | None) -> list[str]:
@@ -446,15 +557,12 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
         # otherwise surface as a "crash" after the whole build.
         preflight.check_guest_visible(guest_paths(options))
     cache = open_cache(options.cache_dir)
-    user_source = image = None
+    provider = None
     if not options.target:
         # Inputs are checked before tools, so a typo is reported as itself; both
         # before the output directory exists, so a usage error leaves no empty run.
-        user_source = (source.open_user_source(options.kernel_src) if options.kernel_src
-                       else None)
-        image = (prebuilt.open_kernel_image(options.kernel_image, options.modules, cache)
-                 if options.kernel_image else None)
-        preflight.check(requirements(options, user_source, cache)
+        provider = kernel_provider(options, cache)
+        preflight.check(requirements(provider)
                         + (list(keep.KEEP_TOOLS) if options.keep else []))
     out = artifacts.prepare_output_dir(options.output)
     log(f"output: {out}")
@@ -474,13 +582,12 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
         target_kind=results.TARGET_SSH if options.target else results.TARGET_VM,
     )
     try:
+        target: Target
         if options.target:
-            status, declared_release = run_on_target(options, cache, out, timings, summary, log)
+            target = SshTarget(options, cache)
         else:
-            kernel = obtain_kernel(options, user_source, image, cache, out, timings, summary, log)
-            kernel_facts(summary).update(image=str(kernel.image), origin=kernel.origin,
-                                         release=kernel.release, **kernel.details)
-
+            assert provider is not None  # made above for every run without --target
+            kernel = obtain_kernel(provider, out, timings, summary, log)
             plan = accel.plan_for_host(options.accel, cache.kvm_verdict)
             log(f"boot: {plan.reason}")
             if options.shell:
@@ -503,11 +610,10 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
                 pycache_dir=cache.guest_pycache)
             if options.debug_kernel:
                 command = debug_kernel.prepare_guest(command, sys.executable, out)
-            outcome = boot_and_record(kernel, out, command, plan, options, cache, summary, log)
-            status, declared_release = outcome.status, kernel.release
+            target = VmTarget(kernel, command, plan, options, cache)
+        status, declared_release = target.run(out, summary, log)
 
-        verdict, tests, splats, pytest_exit = judge_output_dir(out, status,
-                                                               target_kind(summary))
+        verdict, tests, splats, pytest_exit = judge_output_dir(out, status, target.kind)
         if options.debug_kernel:
             verdict, summary.kmemleak = debug_kernel.judge(out, verdict, log)
         kernel_facts(summary)["release"] = kernel_release(out, declared_release)

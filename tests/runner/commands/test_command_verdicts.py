@@ -1,15 +1,17 @@
-"""One verdict path: a plain run, bench, matrix and regressions give the same codes.
+"""One verdict path: a plain run, bench, matrix, regressions, mutants and bisect agree.
 
-Each command runs for real down to the boot stage; only obtaining the kernel
-and booting it are replaced by a fake guest that leaves the files a real one
-leaves (junit.xml, exit-code file, console.log from real fixtures) or raises
-like a bug would.  Judging, summary.json and the exit code are the real code.
+Each command runs for real down to the boot stage: the kernel provider is a
+stand-in, and the VM target's boot is replaced by a fake guest that leaves the
+files a real one leaves (junit.xml, exit-code file, console.log from real
+fixtures) or raises like a bug would.  Judging, summary.json and the exit code
+are the real code, results.judge for one run and results.overall_exit_code for many.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +19,16 @@ import pytest
 from conftest import HIDDEN_CHECKOUT, HIDDEN_CHECKOUT_REASON, TESTS
 
 from runner import record
-from runner.commands import bench, cli, matrix, pipeline, regression_verdict, regressions
+from runner.commands import (
+    bench,
+    bisect,
+    cli,
+    matrix,
+    mutants,
+    pipeline,
+    regression_verdict,
+    regressions,
+)
 from runner.errors import ExitCode
 from runner.stages.results import BootStatus
 
@@ -69,11 +80,17 @@ def write_guest(out: Path, scenario: str, bench_run: bool) -> str:
 
 @pytest.fixture
 def fake_guest(monkeypatch):
-    """Replace kernel fetching and booting; returns a setter for the scenario."""
+    """Replace the kernel provider and the VM's boot; returns a setter for the scenario."""
     state = {"scenario": "pass"}
 
-    def obtain_kernel(options, user_source, image, cache, out, timings, summary, log):
-        return pipeline.KernelToBoot(Path("/boot/fake-bzImage"), "fake", "6.1.0-fake")
+    class StandInKernel:
+        """A KernelProvider that has its kernel already."""
+
+        def tools(self):
+            return []
+
+        def obtain(self, out, timings, summary, log):
+            return pipeline.KernelToBoot(Path("/boot/fake-bzImage"), "fake", "6.1.0-fake")
 
     def boot_and_record(kernel, out, command, plan, options, cache, summary, log):
         if state["scenario"] == "runner bug":
@@ -83,7 +100,7 @@ def fake_guest(monkeypatch):
         summary.boot = record.BootRecord(BootStatus(status), status)
         return SimpleNamespace(status=status)
 
-    monkeypatch.setattr(pipeline, "obtain_kernel", obtain_kernel)
+    monkeypatch.setattr(pipeline, "kernel_provider", lambda options, cache: StandInKernel())
     monkeypatch.setattr(pipeline, "boot_and_record", boot_and_record)
     monkeypatch.setattr(pipeline.preflight, "check", lambda requirements: None)
     return lambda scenario: state.update(scenario=scenario)
@@ -180,6 +197,57 @@ def test_regressions(tmp_path, fake_guest, one_regression, scenario, code, caugh
     if scenario == "splat":
         assert "the run's verdict caught it: kernel splat" in row["note"]
         assert "1 of 1 caught." in (tmp_path / "out" / regressions.REGRESSIONS_MD).read_text()
+
+
+# A mutant is killed by what kills a regression's kernel (a failing test, a splat, a hang);
+# a run that could not judge the kernel is an error with that run's code.
+MUTANT_STATUSES = [("pass", mutants.SURVIVED, ExitCode.TEST_FAILURE),
+                   ("test failure", mutants.KILLED, ExitCode.PASS),
+                   ("splat", mutants.KILLED, ExitCode.PASS),
+                   ("timeout", mutants.KILLED, ExitCode.PASS),
+                   ("infrastructure", mutants.ERROR, ExitCode.INFRASTRUCTURE),
+                   ("runner bug", mutants.ERROR, ExitCode.RUNNER_BUG)]
+
+
+@pytest.mark.parametrize("scenario, status, code", MUTANT_STATUSES)
+def test_mutants(tmp_path, fake_guest, scenario, status, code):
+    fake_guest(scenario)
+    mutant = mutants.Mutant("the-mutant", "net/core/bpf_sk_storage.c", "a", "b", "a bug")
+    out = tmp_path / mutant.id
+    options = pipeline.RunOptions(accel="tcg", cache_dir=tmp_path / "cache", output=out)
+    seconds, error = regressions.run_one(options, out, lambda line: None, False)
+    row = mutants.outcome_from_dir(mutant, out, seconds, error)
+    assert row.status == status
+    assert mutants.exit_code([row]) == code
+
+
+# What one bisect step makes of each verdict: the run's own exit code decides, so a commit
+# is judged by the same verdict as a plain run.  A crash with no failing test, a hang and
+# an infrastructure failure say nothing about the commit (retried, here 0 times, then
+# skipped); a bug in the runner stops the bisect.
+BISECT_STEPS = [("pass", ExitCode.PASS, bisect.GOOD),
+                ("test failure", ExitCode.TEST_FAILURE, bisect.BAD),
+                ("splat", ExitCode.SPLAT, bisect.SKIP),
+                ("timeout", ExitCode.TIMEOUT, bisect.SKIP),
+                ("infrastructure", ExitCode.INFRASTRUCTURE, bisect.SKIP),
+                ("runner bug", ExitCode.RUNNER_BUG, bisect.ABORT)]
+
+
+@pytest.mark.parametrize("scenario, code, outcome", BISECT_STEPS)
+def test_bisect_step(tmp_path, fake_guest, scenario, code, outcome):
+    fake_guest(scenario)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "file").write_text("one commit\n")
+    for command in (["init", "-q"], ["add", "file"],
+                    ["-c", "user.name=t", "-c", "user.email=t@test.invalid",
+                     "commit", "-q", "-m", "the commit"]):
+        subprocess.run(["git", "-C", str(tree), *command], check=True)
+    options = pipeline.RunOptions(accel="tcg", cache_dir=tmp_path / "cache")
+    result = bisect.run_step(tree, options, 1, tmp_path / "step", log=lambda line: None,
+                             retries=0)
+    assert result.outcome == outcome
+    assert summary_of(tmp_path / "step" / "run-1")["exit_code"] == code
 
 
 def test_a_kmemleak_verdict_counts_as_caught(tmp_path):
