@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 from runner.errors import ExitCode
 from runner.markdown import cell
+from runner.stages.results import console_progress, running_test
 
 CAUGHT = "yes"
 CAUGHT_CRASH = "yes (crash)"
@@ -82,61 +83,6 @@ def node_id(junit_name: str) -> str:
     rest = parts[len(module):]
     path = "/".join(module) + ".py" if module else ""
     return "::".join([p for p in (path, *rest, name) if p])
-
-
-# --- which test was running when the kernel reported ---------------------------------------
-
-_NODE = re.compile(r"(?:^|(?<=\s))((?:[\w.-]+/)*test_\w*\.py::\S+)")
-_RESULT = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
-_PRINTK_STAMP = re.compile(r"\[\s*\d+\.\d{6}\]")
-# The end of the per-test lines: the final sections or the summary line.
-_SESSION_END = re.compile(
-    r"^=+ (?:FAILURES|ERRORS|warnings summary|short test summary info|"
-    r".*\b(?:passed|failed|errors?|skipped|deselected)\b.* in [\d.]+s.*) =+\s*$"
-)
-
-
-@dataclass
-class ConsoleProgress:
-    """What pytest -v printed on the console: finished tests with their result, the running one."""
-
-    results: list[tuple[str, str]] = field(default_factory=list)
-    running: str | None = None
-    finished: bool = False
-
-    def failing(self) -> list[str]:
-        return [node for node, result in self.results if result in ("FAILED", "ERROR")]
-
-
-def console_progress(lines: Sequence[str], upto: int | None = None) -> ConsoleProgress:
-    """Follow pytest -v's per-test lines up to line `upto` (0-based; default: all of them).
-
-    On line `upto` itself only the text before the kernel's printk stamp
-    counts: a report may be glued to a node id that had no newline yet.
-    """
-    progress = ConsoleProgress()
-    last = len(lines) - 1 if upto is None else upto
-    for index, line in enumerate(lines[:last + 1]):
-        if index == upto:
-            stamp = _PRINTK_STAMP.search(line)
-            line = line[:stamp.start()] if stamp else line
-        if _SESSION_END.match(line.strip()):
-            progress.running, progress.finished = None, True
-            return progress
-        events = [(m.start(), "node", m.group(1)) for m in _NODE.finditer(line)]
-        events += [(m.start(), "result", m.group(1)) for m in _RESULT.finditer(line)]
-        for _, kind, value in sorted(events):
-            if kind == "node":
-                progress.running = value
-            elif progress.running is not None:
-                progress.results.append((progress.running, value))
-                progress.running = None
-    return progress
-
-
-def running_test(lines: Sequence[str], upto: int) -> str | None:
-    """The pytest -v node id started but not finished at line `upto` (0-based), if any."""
-    return console_progress(lines, upto).running
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,11 @@ from typing import Callable, TextIO
 import pexpect
 
 from runner import process_group
-from runner.commands.regression_verdict import console_progress
 from runner.errors import InfrastructureError, UsageError
 from runner.preflight import find_tool
 from runner.stages.accel import KERNEL_BANNER, AccelPlan, judge_kvm
 from runner.stages.artifacts import GUEST_RELEASE_FILE, JUNIT_FILE, PYTEST_EXIT_FILE
+from runner.stages.results import console_progress
 
 PANIC = re.compile(r"Kernel panic - not syncing")
 # printk lines ("[   12.345678] ..."): shown live only with --verbose.

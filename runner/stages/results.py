@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -268,8 +268,6 @@ def judge(
         line = getattr(first, "line", "?")
         more = f" (+{len(splats) - 1} more)" if len(splats) > 1 else ""
         # A wedged guest ends the run mid-test: say which test it was in.
-        from runner.commands.regression_verdict import running_test
-
         running = running_test(console.splitlines(), line) if isinstance(line, int) else None
         during = f" during {running}" if running else ""
         return Verdict(ExitCode.SPLAT, VerdictLabel.KERNEL_SPLAT,
@@ -435,3 +433,58 @@ def _as_exit_code(code: int) -> ExitCode:
     except ValueError:
         # A code this version does not know cannot be trusted as a verdict.
         return ExitCode.RUNNER_BUG
+
+
+# --- which test was running when the kernel reported ---------------------------------------
+
+_NODE = re.compile(r"(?:^|(?<=\s))((?:[\w.-]+/)*test_\w*\.py::\S+)")
+_RESULT = re.compile(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+_PRINTK_STAMP = re.compile(r"\[\s*\d+\.\d{6}\]")
+# The end of the per-test lines: the final sections or the summary line.
+_SESSION_END = re.compile(
+    r"^=+ (?:FAILURES|ERRORS|warnings summary|short test summary info|"
+    r".*\b(?:passed|failed|errors?|skipped|deselected)\b.* in [\d.]+s.*) =+\s*$"
+)
+
+
+@dataclass
+class ConsoleProgress:
+    """What pytest -v printed on the console: finished tests with their result, the running one."""
+
+    results: list[tuple[str, str]] = field(default_factory=list)
+    running: str | None = None
+    finished: bool = False
+
+    def failing(self) -> list[str]:
+        return [node for node, result in self.results if result in ("FAILED", "ERROR")]
+
+
+def console_progress(lines: Sequence[str], upto: int | None = None) -> ConsoleProgress:
+    """Follow pytest -v's per-test lines up to line `upto` (0-based; default: all of them).
+
+    On line `upto` itself only the text before the kernel's printk stamp
+    counts: a report may be glued to a node id that had no newline yet.
+    """
+    progress = ConsoleProgress()
+    last = len(lines) - 1 if upto is None else upto
+    for index, line in enumerate(lines[:last + 1]):
+        if index == upto:
+            stamp = _PRINTK_STAMP.search(line)
+            line = line[:stamp.start()] if stamp else line
+        if _SESSION_END.match(line.strip()):
+            progress.running, progress.finished = None, True
+            return progress
+        events = [(m.start(), "node", m.group(1)) for m in _NODE.finditer(line)]
+        events += [(m.start(), "result", m.group(1)) for m in _RESULT.finditer(line)]
+        for _, kind, value in sorted(events):
+            if kind == "node":
+                progress.running = value
+            elif progress.running is not None:
+                progress.results.append((progress.running, value))
+                progress.running = None
+    return progress
+
+
+def running_test(lines: Sequence[str], upto: int) -> str | None:
+    """The pytest -v node id started but not finished at line `upto` (0-based), if any."""
+    return console_progress(lines, upto).running

@@ -355,6 +355,9 @@ def test_a_group_of_zombies_is_dead_but_a_live_member_keeps_it_alive():
         deadline = time.monotonic() + 10
         while alive(zombie) and time.monotonic() < deadline:
             time.sleep(0.01)
+        # The live child makes its group with setpgid after the parent printed its pid.
+        while not process_group.exists(live) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert not process_group.alive(zombie)
         assert process_group.alive(live)
     finally:
