@@ -28,6 +28,7 @@ from runner.stages import (
     boot,
     build,
     debug_kernel,
+    guest_bundle,
     kconfig,
     patches,
     prebuilt,
@@ -77,6 +78,8 @@ class RunOptions:
     target: remote.RemoteOptions | None = None
     keep: bool = False
     stop: bool = False
+    # pytest --exitfirst: the mutation sweep needs one failing test, not all of them.
+    exitfirst: bool = False
 
 
 @dataclass
@@ -603,11 +606,14 @@ def run(options: RunOptions, log: Callable[[str], None] = print) -> int:
 
             backports = known_bug_backports(summary.series)
             kernel_facts(summary)["backported_fixes"] = backports
+            suite = Path(options.suite).resolve()
+            extra = [f"--kernel-backports={','.join(backports)}"] if backports else []
             command = boot.guest_test_command(
-                sys.executable, Path(options.suite).resolve(), out, options.markers,
-                options.keyword,
-                extra_args=[f"--kernel-backports={','.join(backports)}"] if backports else (),
-                pycache_dir=cache.guest_pycache)
+                sys.executable, suite, out, options.markers, options.keyword,
+                extra_args=extra + (["--exitfirst"] if options.exitfirst else []),
+                pycache_dir=cache.guest_pycache,
+                launcher=guest_bundle.launcher_or_plain(cache.guest_bundles, sys.executable,
+                                                        suite, log))
             if options.debug_kernel:
                 command = debug_kernel.prepare_guest(command, sys.executable, out)
             target = VmTarget(kernel, command, plan, options, cache)

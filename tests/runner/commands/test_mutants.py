@@ -312,3 +312,12 @@ def test_slot_series_gets_a_build_directory_apart_from_the_regressions(tmp_path)
     again = mutants.prepare_slot_series(tmp_path / "mutants", pipeline.DEFAULT_SERIES, other)
     assert build.build_key(tmp_path, load_series(again), [])[0] == key
     assert (tmp_path / "mutants" / mutants.SLOT).resolve() == other.resolve()
+
+
+def test_a_mutant_run_stops_at_its_first_failure_unless_the_baseline_fails_tests():
+    options = pipeline.RunOptions(argv=["mutants"])
+    clean = mutants.mutant_run_options(options, "m1", [])
+    assert clean.exitfirst and clean.argv == ["mutants", "--only", "m1"]
+    # A baseline failure could stop the run before the test that kills the mutant.
+    dirty = mutants.mutant_run_options(options, "m1", ["test_x.py::test_y"])
+    assert not dirty.exitfirst

@@ -364,3 +364,11 @@ def test_a_group_of_zombies_is_dead_but_a_live_member_keeps_it_alive():
         os.killpg(live, signal.SIGKILL)
         parent.kill()
         parent.wait()
+
+
+def test_a_launcher_replaces_python_dash_m():
+    launcher = ["/venv/bin/python3", "-S", "/repo/runner/guest/import_bundle.py", "/b", "/site", "-m"]
+    command = boot.guest_test_command("/venv/bin/python3", Path("/s"), Path("/o"), None, None,
+                                      launcher=launcher)
+    assert " ".join(launcher) + " pytest /s " in command
+    assert "/venv/bin/python3 -m pytest" not in command
