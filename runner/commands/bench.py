@@ -63,6 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     bench.add_argument("--burst", type=int, default=1, metavar="K",
                        help="datagrams per socket in a row; 1 (default) is round-robin, "
                             "every packet on a cache-cold socket")
+    bench.add_argument("--perf", action="store_true",
+                       help="count cycles, instructions and cache misses per program run "
+                            "(perf_event_open around each measured phase; needs a PMU: a "
+                            "native --host run, or a KVM guest with a virtual PMU)")
     bench.add_argument("--from-json", type=Path, metavar="FILE",
                        help="only render a saved bench.json, run nothing")
     # No --shell (the guest runs the benchmark) and no -k (the benchmark is its one test).
@@ -80,6 +84,7 @@ def guest_module_args(args: argparse.Namespace) -> list[str]:
         raise UsageError("--repeat, --packets and --burst must be at least 1")
     module_args = ["--repeat", str(args.repeat), "--packets", str(args.packets),
                    "--burst", str(args.burst)]
+    module_args += ["--perf"] if args.perf else []
     return module_args + (["--sweep"] if args.sweep else ["--sockets", args.sockets])
 
 
@@ -271,7 +276,24 @@ def render(result: dict) -> str:
             lines.append(f"{point['sockets']} sockets, {point['packets']} datagrams per "
                          f"measurement, hash max_entries {point['hash_max_entries']}:")
             lines.append(point_table(result, point))
+            if "per_run" in point:
+                lines += ["", counters_table(point)]
+    perf = result.get("perf", {})
+    for name, why in perf.get("unavailable", {}).items():
+        lines.append(f"perf: {name} not counted here: {why}")
     return "\n".join(lines)
+
+
+def counters_table(point: dict) -> str:
+    """Markdown: each perf counter per program run (median over repeats), both variants."""
+    per_run = point["per_run"]
+    names = sorted(per_run["hash"])
+    rows = ["| counter per run | " + " | ".join(VARIANT_LABELS[v] for v in ("hash", "sk_storage"))
+            + " |", "|---|---:|---:|"]
+    for name in names:
+        rows.append(f"| {name} | {per_run['hash'][name]['median']:,.1f} | "
+                    f"{per_run['sk_storage'][name]['median']:,.1f} |")
+    return "\n".join(rows)
 
 
 def plot_sweep(result: dict, path: Path) -> Path | None:

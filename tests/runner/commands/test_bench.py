@@ -150,3 +150,20 @@ def test_from_json_renders_without_running_anything(tmp_path):
     lines: list[str] = []
     assert bench.main(_args(from_json=saved), argv=[], log=lines.append) == 0
     assert any(line.startswith("| sk storage | ") for line in "\n".join(lines).splitlines())
+
+
+def test_perf_counters_render_per_run_and_say_what_was_not_counted():
+    # `python3 -m bench --perf --sockets 64 --packets 2000 --repeat 2` as root on the
+    # development VM: no virtual PMU, so only the software task clock was counted.
+    text = bench.render(load("host-perf-64.json"))
+    assert "| counter per run | " in text
+    assert "| task_clock_ns | " in text
+    for name in ("cycles", "instructions", "cache_references", "cache_misses"):
+        assert f"perf: {name} not counted here: ENOENT" in text
+
+
+def test_perf_is_passed_to_the_guest_module():
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    assert "--perf" in bench.guest_module_args(parser.parse_args(["--perf"]))
+    assert "--perf" not in bench.guest_module_args(parser.parse_args([]))
