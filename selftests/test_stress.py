@@ -15,11 +15,13 @@ scale from the environment (defaults finish in about 30 s under TCG, about 1 s o
   SK_STORAGE_STRESS_ROUNDS   rounds of the map-free race (default 10)
   SK_STORAGE_STRESS_OPS      update/delete calls per worker in the one-socket race
                              (default 30000)
+  SK_STORAGE_STRESS_BALLAST  sockets whose elements the map-free race's free must walk
+                             (default 256)
   SK_STORAGE_STRESS_TIMEOUT  seconds before a hung race process fails the test (default 300)
   SK_STORAGE_CLEANUP_TIMEOUT seconds to wait for deferred frees (default 30)
 
 A race passes only if it is seen to have raced: the map-free race needs a round in
-which the map's last reference went while another worker was still closing sockets,
+which a worker began closing sockets before the map's free had reached its own,
 the one-socket race needs a delete that succeeded after another delete (so an update
 landed between them).
 """
@@ -62,14 +64,16 @@ class Scale:
     sockets: int
     rounds: int
     ops: int
+    ballast: int  # sockets that keep their element until the map is freed under them
 
 
 FULL = Scale(threads=_scale("SK_STORAGE_STRESS_THREADS", 4),
              sockets=_scale("SK_STORAGE_STRESS_SOCKETS", 48),
              rounds=_scale("SK_STORAGE_STRESS_ROUNDS", 10),
-             ops=_scale("SK_STORAGE_STRESS_OPS", 30000))
+             ops=_scale("SK_STORAGE_STRESS_OPS", 30000),
+             ballast=_scale("SK_STORAGE_STRESS_BALLAST", 256))
 # Seconds under TCG, yet every race still overlaps (each test checks that it did).
-QUICK = Scale(threads=2, sockets=16, rounds=3, ops=3000)
+QUICK = Scale(threads=2, sockets=16, rounds=3, ops=3000, ballast=64)
 CLEANUP_TIMEOUT = float(os.environ.get("SK_STORAGE_CLEANUP_TIMEOUT", "30"))
 # A race that has not ended by then is hung in the kernel, not slow.
 RACE_TIMEOUT = float(os.environ.get("SK_STORAGE_STRESS_TIMEOUT", "300"))
@@ -131,22 +135,28 @@ def worker_sockets(family: int, count: int) -> list[socket.socket]:
 def map_free_round(round_number: int, families: list[int], scale: Scale) -> bool:
     """One round: workers give storage to their sockets, then drop the map and close.
 
-    Every worker but this round's freer drops its map fd while closing its first half of
-    sockets; then the freer drops the last reference (the map is freed by a kernel
-    worker) while the others close the second half. Returns whether the round raced: the
-    last fd went while another worker was still closing sockets.
+    Every worker but this round's freer drops its map fd while closing the first half
+    of its sockets; then the freer drops the last reference, and the kernel frees the
+    map (unlinking every element) in a worker of its own while the others close their
+    second half.  Ballast sockets, kept open, give the free more elements to walk.
+    Returns whether the round raced: a worker found its surviving socket still charged
+    (the free had not reached it yet) right before it closed its second half.
     """
     map_fd = maps.create_sk_storage_map(VALUE_SIZE, name="stress_free")
     map_id = maps.map_info(map_fd).id
+    ballast = [sockets.bound_socket(families[0], socket.SOCK_DGRAM) for _ in range(scale.ballast)]
+    ballast_baselines = [sockdiag.socket_record(sock).optmem for sock in ballast]
+    for n, sock in enumerate(ballast):
+        maps.update(map_fd, sock.fileno(), struct.pack("=QQ", round_number, n))
     worker_fds = [os.dup(map_fd) for _ in range(scale.threads)]
     os.close(map_fd)
     freer = round_number % scale.threads
     start = threading.Barrier(scale.threads, timeout=BARRIER_TIMEOUT)
     handover = threading.Barrier(scale.threads, timeout=BARRIER_TIMEOUT)
-    survivors: list[socket.socket] = []
-    survivor_baselines: list[int] = []
-    # (worker, the moment its map fd was closed, the moment it closed its last socket)
-    windows: list[tuple[int, float, float]] = []
+    released = threading.Event()
+    survivors: list[socket.socket] = list(ballast)
+    survivor_baselines: list[int] = list(ballast_baselines)
+    free_unfinished: list[bool] = []
     lock = threading.Lock()
 
     def worker(index: int) -> None:
@@ -164,16 +174,20 @@ def map_free_round(round_number: int, families: list[int], scale: Scale) -> bool
             sock.close()
         if index != freer:
             os.close(worker_fds[index])
-            fd_closed = time.monotonic()
         handover.wait()
         if index == freer:
             os.close(worker_fds[index])
-            fd_closed = time.monotonic()
+            released.set()
+        else:
+            assert released.wait(BARRIER_TIMEOUT), "the freer never dropped the map"
+            # Still charged: the map's free has not unlinked this socket's element yet,
+            # so the closes below overlap it.
+            unfinished = sockdiag.socket_record(mine[0]).optmem > baseline
+            with lock:
+                free_unfinished.append(unfinished)
         for sock in mine[2::2]:
             sock.close()
-        done = time.monotonic()
         with lock:
-            windows.append((index, fd_closed, done))
             survivors.append(mine[0])
             survivor_baselines.append(baseline)
 
@@ -190,8 +204,7 @@ def map_free_round(round_number: int, families: list[int], scale: Scale) -> bool
     finally:
         for sock in survivors:
             sock.close()
-    freed_at = next(fd_closed for index, fd_closed, _ in windows if index == freer)
-    return any(done > freed_at for index, _, done in windows if index != freer)
+    return any(free_unfinished)
 
 
 def test_map_freed_while_sockets_close_concurrently(scale, no_splat):
@@ -199,11 +212,11 @@ def test_map_freed_while_sockets_close_concurrently(scale, no_splat):
     families = [socket.AF_INET, socket.AF_INET6] if sockets.ipv6_available() else [
         socket.AF_INET]
     raced = sum(map_free_round(n, families, scale) for n in range(scale.rounds))
-    # Every round checked the cleanup; at least one must have freed the map mid-close,
-    # or the test proved nothing about the race.
-    assert raced >= 1, (f"in none of {scale.rounds} rounds was the map freed while another "
-                        "worker was closing sockets: the workers ran one after the other")
-    print(f"map-free race: {raced} of {scale.rounds} rounds freed the map mid-close")
+    # Every round checked the cleanup; at least one must have had sockets closing while
+    # the map's free was still under way, or the test proved nothing about the race.
+    assert raced >= 1, (f"in none of {scale.rounds} rounds did a worker close sockets "
+                        "before the map's free had reached its own: nothing raced")
+    print(f"map-free race: in {raced} of {scale.rounds} rounds sockets closed mid-free")
 
 
 def run_processes(workers: list[Callable[[], object]], timeout: float) -> list[object]:
