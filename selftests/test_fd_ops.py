@@ -50,12 +50,7 @@ def failure(call, *args) -> syscall.BpfError:
 
 def stored(map_fd: int, sock: socket.socket) -> bytes | None:
     """The socket's value, or None when the kernel says ENOENT."""
-    try:
-        return maps.lookup(map_fd, sock.fileno(), VALUE_SIZE)
-    except syscall.BpfError as err:
-        if err.errno == errno.ENOENT:
-            return None
-        raise
+    return maps.lookup_or_none(map_fd, sock.fileno(), VALUE_SIZE)
 
 
 def test_update_lookup_delete_round_trip(storage_map, sock):

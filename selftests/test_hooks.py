@@ -116,12 +116,8 @@ def ingress_program(map_fd: int) -> bytes:
 
 def first_word(map_fd: int, sock: socket.socket) -> int | None:
     """The first u32 of the socket's value, None without one."""
-    try:
-        return struct.unpack("=II", maps.lookup(map_fd, sock.fileno(), 8))[0]
-    except syscall.BpfError as err:
-        if err.errno == errno.ENOENT:
-            return None
-        raise
+    raw = maps.lookup_or_none(map_fd, sock.fileno(), 8)
+    return None if raw is None else struct.unpack("=II", raw)[0]
 
 
 def test_sock_ops_established_callbacks_give_each_side_its_storage(

@@ -16,7 +16,7 @@ import socket
 import struct
 
 import pytest
-from bpfkit import btf, btf_layout, maps, probes, prog, sockdiag, syscall
+from bpfkit import btf_layout, maps, probes, prog, sockdiag, syscall
 from bpfkit.asm import (
     ADD,
     DW,
@@ -86,10 +86,7 @@ def record_program(cookie_offset: int, delete_map_fd: int | None = None) -> byte
 
 
 def load_iterator(program: bytes, closing) -> int:
-    func_id = btf.kernel_btf().find(probes.SK_STORAGE_ITER_FUNC, btf.BTF_KIND_FUNC)
-    return closing(prog.load_program(
-        syscall.BPF_PROG_TYPE_TRACING, program, expected_attach_type=syscall.BPF_TRACE_ITER,
-        attach_btf_id=func_id, name="sk_records"))
+    return closing(prog.load_sk_storage_iterator(program, name="sk_records"))
 
 
 def cookie_offset() -> int:

@@ -17,7 +17,7 @@ import socket
 import struct
 
 import pytest
-from bpfkit import btf, cgroup, charges, elements, maps, probes, prog, sockdiag, syscall
+from bpfkit import cgroup, charges, elements, maps, probes, prog, sockdiag, syscall
 from bpfkit.asm import (
     ADD,
     DW,
@@ -207,10 +207,8 @@ def test_open_iterator_keeps_its_map_alive(socks, closing):
     try:
         maps.update(map_fd, sock.fileno(), struct.pack("=Q", 42))
         assert optmems([sock])[0] > baseline
-        func_id = btf.kernel_btf().find(probes.SK_STORAGE_ITER_FUNC, btf.BTF_KIND_FUNC)
-        prog_fd = closing(prog.load_program(
-            syscall.BPF_PROG_TYPE_TRACING, elements.counting_program(), name="count_elems",
-            expected_attach_type=syscall.BPF_TRACE_ITER, attach_btf_id=func_id))
+        prog_fd = closing(prog.load_sk_storage_iterator(elements.counting_program(),
+                                                        name="count_elems"))
         link_fd = prog.link_create(prog_fd, 0, syscall.BPF_TRACE_ITER, iter_map_fd=map_fd)
         try:
             iter_fd = prog.iter_create(link_fd)

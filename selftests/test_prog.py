@@ -14,7 +14,7 @@ import socket
 import struct
 
 import pytest
-from bpfkit import btf, cgroup, maps, probes, prog, syscall
+from bpfkit import cgroup, maps, probes, prog, syscall
 from bpfkit.asm import (
     ADD,
     DW,
@@ -136,13 +136,8 @@ def load_egress(program: bytes, closing) -> int:
 
 def counter(map_fd: int, sock: socket.socket) -> tuple[int, int] | None:
     """(packets, marker) from the socket's storage, None when it has none (ENOENT)."""
-    try:
-        raw = maps.lookup(map_fd, sock.fileno(), COUNTER_SIZE)
-    except syscall.BpfError as err:
-        if err.errno == errno.ENOENT:
-            return None
-        raise
-    return struct.unpack("=II", raw)
+    raw = maps.lookup_or_none(map_fd, sock.fileno(), COUNTER_SIZE)
+    return None if raw is None else struct.unpack("=II", raw)
 
 
 TCP_INFO_TOTAL_RETRANS = 100  # offsetof(struct tcp_info, tcpi_total_retrans)
@@ -389,10 +384,7 @@ def value_access_iterator(access: str, off: int) -> bytes:
 
 def load_iterator(program: bytes, closing) -> int:
     """Load a BPF_TRACE_ITER program for sk storage maps (the map is named at attach)."""
-    func_id = btf.kernel_btf().find(probes.SK_STORAGE_ITER_FUNC, btf.BTF_KIND_FUNC)
-    return closing(prog.load_program(
-        syscall.BPF_PROG_TYPE_TRACING, program, expected_attach_type=syscall.BPF_TRACE_ITER,
-        attach_btf_id=func_id, name="value_access"))
+    return closing(prog.load_sk_storage_iterator(program, name="value_access"))
 
 
 @pytest.mark.parametrize("access, off", [

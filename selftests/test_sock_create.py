@@ -70,12 +70,9 @@ def load(program: bytes, closing) -> int:
 
 
 def mark_of(map_fd: int, sock: socket.socket) -> int | None:
-    try:
-        return struct.unpack("=II", maps.lookup(map_fd, sock.fileno(), 8))[0]
-    except syscall.BpfError as err:
-        if err.errno == errno.ENOENT:
-            return None
-        raise
+    """The first u32 of the socket's value, None without one."""
+    raw = maps.lookup_or_none(map_fd, sock.fileno(), 8)
+    return None if raw is None else struct.unpack("=II", raw)[0]
 
 
 @pytest.mark.parametrize("sock_type", [socket.SOCK_DGRAM, socket.SOCK_STREAM],

@@ -129,12 +129,8 @@ def attached(prog_fd: int, closing) -> None:
 
 def mark_of(map_fd: int, sock: socket.socket) -> int | None:
     """The socket's value's mark, None without a value."""
-    try:
-        return struct.unpack("=Q", maps.lookup(map_fd, sock.fileno(), 8))[0]
-    except syscall.BpfError as err:
-        if err.errno == errno.ENOENT:
-            return None
-        raise
+    raw = maps.lookup_or_none(map_fd, sock.fileno(), 8)
+    return None if raw is None else struct.unpack("=Q", raw)[0]
 
 
 def test_fexit_on_accept_gives_storage_to_the_accepted_socket(storage_map, closing, socks):

@@ -25,7 +25,7 @@ from . import asm, btf, prog, syscall
 FDINFO_FIELD = "sk_storage_elems"
 FDINFO = "fdinfo"
 ITERATOR = "iterator"
-ITER_FUNC = "bpf_iter_bpf_sk_storage_map"
+ITER_FUNC = prog.SK_STORAGE_ITER_FUNC
 NO_METHOD = (
     "cannot count sk storage elements: the kernel has neither the project's "
     f"'{FDINFO_FIELD}' fdinfo line nor bpf_iter for sk storage maps (5.9+)"
@@ -98,10 +98,7 @@ class ElementCounter:
         if not iterator_available():
             raise LookupError(NO_METHOD)
         self.method = ITERATOR
-        func_id = btf.kernel_btf().find(ITER_FUNC, btf.BTF_KIND_FUNC)
-        self._prog_fd = prog.load_program(
-            syscall.BPF_PROG_TYPE_TRACING, counting_program(), name="count_elems",
-            expected_attach_type=syscall.BPF_TRACE_ITER, attach_btf_id=func_id)
+        self._prog_fd = prog.load_sk_storage_iterator(counting_program(), name="count_elems")
         try:
             self._link_fd = prog.link_create(
                 self._prog_fd, 0, syscall.BPF_TRACE_ITER, iter_map_fd=map_fd)

@@ -7,6 +7,7 @@ itself is only the "type" of the storage, the data hangs off each socket.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import struct
 from dataclasses import dataclass
@@ -128,6 +129,16 @@ def sock_key(sock_fd: int) -> bytes:
 def lookup(map_fd: int, sock_fd: int, value_size: int, flags: int = 0) -> bytes:
     """The storage value of the socket behind sock_fd."""
     return lookup_elem(map_fd, sock_key(sock_fd), value_size, flags)
+
+
+def lookup_or_none(map_fd: int, sock_fd: int, value_size: int) -> bytes | None:
+    """The socket's storage value, or None when the kernel says it has none (ENOENT)."""
+    try:
+        return lookup(map_fd, sock_fd, value_size)
+    except syscall.BpfError as err:
+        if err.errno == errno.ENOENT:
+            return None
+        raise
 
 
 def update(map_fd: int, sock_fd: int, value: bytes, flags: int = syscall.BPF_ANY) -> None:

@@ -32,7 +32,7 @@ KERNEL_CONFIG = "[kernel config]"
 ENVIRONMENT = "[environment]"
 NOT_ROOT = "[not root]"
 
-SK_STORAGE_ITER_FUNC = "bpf_iter_bpf_sk_storage_map"
+SK_STORAGE_ITER_FUNC = prog.SK_STORAGE_ITER_FUNC
 SK_STORAGE_FREE_FUNC = "bpf_sk_storage_free"
 
 
@@ -113,16 +113,12 @@ def probe_kernel_btf() -> bool:
 def probe_sk_storage_iter() -> bool:
     """bpf_iter over sk storage maps (5.9): a trivial iterator program links to a map."""
     probe_kernel_btf()
-    try:
-        func_id = btf.kernel_btf().find(SK_STORAGE_ITER_FUNC, btf.BTF_KIND_FUNC)
-    except LookupError:
-        raise Absent(f"kernel BTF has no FUNC {SK_STORAGE_ITER_FUNC}") from None
     # return 0: the least a map-element iterator program can do.
     program = asm.assemble([asm.mov64_imm(asm.R0, 0), asm.exit_insn()])
-    prog_fd = prog.load_program(
-        syscall.BPF_PROG_TYPE_TRACING, program,
-        expected_attach_type=syscall.BPF_TRACE_ITER, attach_btf_id=func_id,
-    )
+    try:
+        prog_fd = prog.load_sk_storage_iterator(program)
+    except LookupError:
+        raise Absent(f"kernel BTF has no FUNC {SK_STORAGE_ITER_FUNC}") from None
     map_fd = maps.create_sk_storage_map(8)
     try:
         return _rejected_as_unknown(

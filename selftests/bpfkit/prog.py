@@ -12,7 +12,10 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from . import asm, syscall
+from . import asm, btf, syscall
+
+# The BTF function an sk storage map iterator attaches to (5.9+).
+SK_STORAGE_ITER_FUNC = "bpf_iter_bpf_sk_storage_map"
 
 # Big enough for the verifier log of any program in this suite; older kernels reject
 # log sizes of UINT_MAX >> 2 and above, so stay far below.
@@ -61,6 +64,16 @@ def load_program(
         raise error(
             first.errno, first.command, "verifier log:\n" + (text or "(empty)")
         ) from None
+
+
+def load_sk_storage_iterator(program: bytes, name: str = "") -> int:
+    """Load a BPF_TRACE_ITER program for sk storage maps (the map is named at attach).
+
+    LookupError when the kernel's BTF has no sk storage iterator (before 5.9).
+    """
+    func_id = btf.kernel_btf().find(SK_STORAGE_ITER_FUNC, btf.BTF_KIND_FUNC)
+    return load_program(syscall.BPF_PROG_TYPE_TRACING, program, name=name,
+                        expected_attach_type=syscall.BPF_TRACE_ITER, attach_btf_id=func_id)
 
 
 def attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> None:
