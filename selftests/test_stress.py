@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import select
 import signal
@@ -75,6 +76,8 @@ FULL = Scale(threads=_scale("SK_STORAGE_STRESS_THREADS", 4),
 # Seconds under TCG, yet every race still overlaps (each test checks that it did).
 QUICK = Scale(threads=2, sockets=16, rounds=3, ops=3000, ballast=64)
 CLEANUP_TIMEOUT = float(os.environ.get("SK_STORAGE_CLEANUP_TIMEOUT", "30"))
+# How long the one-socket race may go on past its calls waiting to be seen racing.
+RACE_BUDGET = 10.0
 # A race that has not ended by then is hung in the kernel, not slow.
 RACE_TIMEOUT = float(os.environ.get("SK_STORAGE_STRESS_TIMEOUT", "300"))
 VALUE_SIZE = 16
@@ -284,24 +287,44 @@ def test_update_racing_delete_on_one_socket(scale, storage_map, socks, no_splat)
     # Each value repeats one byte, so a value made of two writes would show.
     values = [bytes([0x11 * (i + 1)]) * 8 for i in range(4)]
 
+    updaters = max(1, scale.threads // 2)
+    deleters = max(1, scale.threads - updaters)
+    # Each deleter counts its successful deletes here, shared across the fork, so that
+    # every worker goes on past its `ops` calls until two deletes succeeded (an update
+    # landed between them) or RACE_BUDGET runs out: on a fast host one process can
+    # finish all its calls before the other is even scheduled.
+    deleted = mmap.mmap(-1, 8 * deleters)
+    give_up_at = time.monotonic() + RACE_BUDGET
+
+    def interleaved() -> bool:
+        return sum(struct.unpack(f"={deleters}Q", deleted[:])) >= 2
+
+    def keep_going(n: int) -> bool:
+        return n < scale.ops or (not interleaved() and time.monotonic() < give_up_at)
+
     def updater(index: int) -> dict[str, int]:
         outcomes: Counter = Counter()
-        for n in range(scale.ops):
+        n = 0
+        while keep_going(n):
             try:
                 maps.update(storage_map, sock.fileno(), values[(index + n) % len(values)])
                 outcomes["update ok"] += 1
             except syscall.BpfError as err:
                 outcomes[f"update {syscall.errno_name(err.errno)}"] += 1
+            n += 1
         return dict(outcomes)
 
-    def deleter() -> dict[str, int]:
+    def deleter(index: int) -> dict[str, int]:
         outcomes: Counter = Counter()
-        for _ in range(scale.ops):
+        n = 0
+        while keep_going(n):
             try:
                 maps.delete(storage_map, sock.fileno())
                 outcomes["delete ok"] += 1
+                struct.pack_into("=Q", deleted, 8 * index, outcomes["delete ok"])
             except syscall.BpfError as err:
                 outcomes[f"delete {syscall.errno_name(err.errno)}"] += 1
+            n += 1
         return dict(outcomes)
 
     def reader() -> list[str]:
@@ -314,18 +337,17 @@ def test_update_racing_delete_on_one_socket(scale, storage_map, socks, no_splat)
                     raise
         return sorted(seen)
 
-    updaters = max(1, scale.threads // 2)
-    deleters = max(1, scale.threads - updaters)
     *counts, seen = run_processes(
-        [lambda i=i: updater(i) for i in range(updaters)] + [deleter] * deleters + [reader],
+        [lambda i=i: updater(i) for i in range(updaters)]
+        + [lambda i=i: deleter(i) for i in range(deleters)] + [reader],
         timeout=RACE_TIMEOUT)
     outcomes: Counter = Counter()
     for count in counts:
+        assert sum(count.values()) >= scale.ops, count
         outcomes.update(count)
 
     allowed = {"update ok", "delete ok", "update EAGAIN", "delete ENOENT"}
     assert set(outcomes) <= allowed, f"unexpected outcomes: {dict(outcomes)}"
-    assert sum(outcomes.values()) == scale.ops * (updaters + deleters)
     # Two successful deletes need an update between them: only then did the calls race.
     assert outcomes["delete ok"] >= 2, (
         f"updates and deletes never interleaved, nothing raced: {dict(outcomes)}")
