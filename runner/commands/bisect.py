@@ -673,6 +673,11 @@ def drive(tree: Path, good: str, bad: str, step_command: Sequence[str], out: Pat
             parent = git(tree, "rev-parse", "--verify", "--quiet", f"{first_bad}^",
                          check=False).stdout
             result.identical_to_parent = same_kernel(load_steps(out), first_bad, parent.strip())
+    except UsageError as error:
+        # A refused endpoint: bisect.json must say so and why, not "aborted".
+        result.status = "refused"
+        result.messages.append(error.message)
+        raise
     finally:
         result.reset_ok = restore_tree(tree, journal_dir, log)
         result.steps = load_steps(out)
@@ -700,6 +705,7 @@ def write_result(out: Path, tree: Path, good: str, bad: str, result: BisectResul
               "signature": result.signature,
               "identical_to_parent": result.identical_to_parent,
               "seconds": result.seconds, "reset_ok": result.reset_ok,
+              "messages": result.messages,
               "steps": [{k: s.get(k) for k in ("dir", "commit", "subject", "outcome",
                                                 "reason", "seconds", "signature",
                                                 "kernel_signature")}

@@ -515,6 +515,10 @@ def test_endpoints_are_checked_before_bisecting(tmp_path, standin, behaviours, r
     # git bisect run never started: only the endpoint checks ran.
     assert not (out / bisect.GIT_BISECT_LOG).exists()
     assert {s["commit"] for s in bisect.load_steps(out)} <= {commits[0], commits[-1]}
+    # bisect.json says the bisect was refused and why, not that it was aborted.
+    saved = json.loads((out / bisect.RESULT_FILE).read_text())
+    assert saved["status"] == "refused" and saved["reset_ok"] is True
+    assert saved["messages"] == [caught.value.message]
 
 
 def test_the_report_says_when_the_culprit_builds_its_parents_kernel(tmp_path, standin):
