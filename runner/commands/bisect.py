@@ -99,6 +99,17 @@ VERSION_FRAGMENTS = (((5, 18), REPO_ROOT / "kconfig" / "before-5.18.config"),)
 REPRODUCIBLE_BUILD_ENV = {"KBUILD_BUILD_TIMESTAMP": "1970-01-01", "KBUILD_BUILD_USER": "bisect",
                           "KBUILD_BUILD_HOST": "bisect", "KBUILD_BUILD_VERSION": "1",
                           "LOCALVERSION": ""}
+# A pahole that encodes BTF serially (ci/reproducible-btf/pahole says why), first in
+# PATH for the steps' builds: with the parallel one two builds of one commit differ.
+REPRODUCIBLE_BTF_DIR = REPO_ROOT / "ci" / "reproducible-btf"
+
+
+def reproducible_build_env(environ: dict) -> dict:
+    """The environment a step builds in: fixed build stamps, serial BTF encoding."""
+    env = dict(environ, **REPRODUCIBLE_BUILD_ENV)
+    if (REPRODUCIBLE_BTF_DIR / "pahole").is_file():
+        env["PATH"] = os.pathsep.join([str(REPRODUCIBLE_BTF_DIR), environ.get("PATH", "")])
+    return env
 
 
 def run_outcome(exit_code: int, failing: Sequence[str] = ()) -> str:
@@ -432,7 +443,7 @@ def step_main(argv: Sequence[str], run_once: RunOnce = pipeline.run) -> int:
     except Exception:  # noqa: BLE001 - a traceback exits 1, which git would read as bad
         traceback.print_exc()
         return GIT_EXIT[ABORT]
-    os.environ.update(REPRODUCIBLE_BUILD_ENV)
+    os.environ.update(reproducible_build_env(dict(os.environ)))
     result = run_step(tree, options, args.runs, step_dir, run_once, retries=args.retries,
                       signature=args.signature)
     write_verdict(step_dir, result)

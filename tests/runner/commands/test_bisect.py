@@ -629,3 +629,33 @@ def test_a_step_that_ignores_signals_is_stopped_within_the_configured_grace(tmp_
     started = time.monotonic()
     bisect._stop(quick, lambda line: None, bisect.StopGrace(30.0, 30.0, 30.0))
     assert time.monotonic() - started < 3.0
+
+
+def test_steps_build_with_a_serial_pahole_first_in_path(tmp_path):
+    # Two builds of one 6.1 commit with pahole 1.24 -j differed in .BTF, and through its
+    # size in .BTF_ids, kallsyms, .rodata and .text: the report could never say
+    # "identical to its parent's".  The steps' builds get a pahole without -j.
+    env = bisect.reproducible_build_env({"PATH": "/usr/bin:/bin", "HOME": "/root"})
+    assert env["PATH"].split(os.pathsep)[0] == str(bisect.REPRODUCIBLE_BTF_DIR)
+    assert env["PATH"].endswith("/usr/bin:/bin") and env["HOME"] == "/root"
+    assert env["KBUILD_BUILD_TIMESTAMP"] == "1970-01-01"
+    # The wrapper drops every form of -j and runs the next pahole in PATH.
+    real = tmp_path / "bin"
+    real.mkdir()
+    (real / "pahole").write_text('#!/bin/sh\necho "$@"\n')
+    (real / "pahole").chmod(0o755)
+    path = os.pathsep.join([str(bisect.REPRODUCIBLE_BTF_DIR), str(real), "/usr/bin", "/bin"])
+    proc = subprocess.run(["pahole", "-J", "--btf_gen_floats", "-j", "--lang_exclude=rust",
+                           "-j4", "--jobs", "--jobs=3", ".tmp_vmlinux.btf"],
+                          env=dict(os.environ, PATH=path), capture_output=True, text=True,
+                          check=True)
+    assert proc.stdout.split() == ["-J", "--btf_gen_floats", "--lang_exclude=rust",
+                                   ".tmp_vmlinux.btf"]
+
+
+def test_the_serial_pahole_passes_shellcheck():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed")
+    proc = subprocess.run(["shellcheck", str(bisect.REPRODUCIBLE_BTF_DIR / "pahole")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
