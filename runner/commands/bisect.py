@@ -347,6 +347,7 @@ def run_step(tree: Path, options: pipeline.RunOptions, runs: int, step_dir: Path
     result = StepResult(commit, subject, GOOD, "")
     wanted = set(signature)
     judged, passed, retried, other = 0, 0, 0, []
+    retried_why = ""
     try:
         options = step_options(tree, options)
         number = 0
@@ -365,6 +366,7 @@ def run_step(tree: Path, options: pipeline.RunOptions, runs: int, step_dir: Path
             if outcome == RETRY:
                 if retried < retries:
                     retried += 1
+                    retried_why = why
                     log(f"bisect step: run {number} says nothing about the commit ({why}); "
                         f"retry {retried} of {retries}")
                     continue
@@ -386,7 +388,10 @@ def run_step(tree: Path, options: pipeline.RunOptions, runs: int, step_dir: Path
             other.append(", ".join(record["signature"]))
         else:
             if passed == runs:
-                result.reason = f"{runs} run(s) passed"
+                # A pass after a retry is still a pass, but the report must not hide
+                # that the commit needed one (and why).
+                result.reason = f"{runs} run(s) passed" + (
+                    f" after {retried} retried run(s) ({retried_why})" if retried else "")
             else:
                 result.outcome = SKIP
                 result.reason = (f"failed only tests outside the signature "

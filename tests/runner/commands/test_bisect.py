@@ -285,6 +285,8 @@ def test_infrastructure_failures_are_retried_then_skipped_never_bad(
     if behaviours[4] == "boot-flake":
         assert step["outcome"] == "good" and len(step["runs"]) == 2
         assert step["runs"][0]["outcome"] == "retry"
+        # The label is good, and the reason says a run was retried and why.
+        assert step["reason"] == "1 run(s) passed after 1 retried run(s) (crash)"
     else:
         assert step["outcome"] == "skip" and why in step["reason"]
         # One run and the default two retries, then skipped.
