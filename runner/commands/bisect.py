@@ -782,6 +782,23 @@ def describe_identity(result: BisectResult) -> str:
     return "  kernel: differs from its parent's"
 
 
+def inconclusive_exit_code(steps: Sequence[dict], candidates: Sequence[str]) -> int:
+    """Why an inconclusive bisect could not judge its candidates, as the run exit code.
+
+    5 or 6 when every skipped candidate failed to build or to take the series,
+    4 when they all timed out; otherwise (QEMU trouble, guests that died with
+    no test failing, a mix) 7: an infrastructure skip is not a build failure.
+    """
+    codes = {int(step["runs"][-1].get("exit_code", ExitCode.INFRASTRUCTURE))
+             for step in steps
+             if step.get("commit") in candidates and step.get("outcome") == SKIP
+             and step.get("runs")}
+    if len(codes) == 1 and codes <= {ExitCode.BUILD_FAILURE, ExitCode.PATCH_FAILURE,
+                                     ExitCode.TIMEOUT}:
+        return codes.pop()
+    return int(ExitCode.INFRASTRUCTURE)
+
+
 def report(tree: Path, result: BisectResult, bad: str, log: Callable[[str], None]) -> int:
     """Print the steps and the answer; return the subcommand's exit code."""
     log("")
@@ -804,7 +821,7 @@ def report(tree: Path, result: BisectResult, bad: str, log: Callable[[str], None
             "infrastructure failures after retries) hide the first bad one, which is one of:")
         for sha in result.candidates:
             log(f"  {sha[:12]} {_subject(tree, sha)}")
-        code = int(ExitCode.BUILD_FAILURE)
+        code = inconclusive_exit_code(result.steps, result.candidates)
     elif result.status == "interrupted":
         log("bisect: interrupted; no commit was labelled by the interrupted step")
         code = int(ExitCode.INTERRUPTED)

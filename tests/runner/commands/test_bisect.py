@@ -297,9 +297,28 @@ def test_infrastructure_failures_are_retried_then_skipped_never_bad(
 
 def test_an_infrastructure_failure_next_to_the_answer_is_never_blamed(tmp_path, standin):
     behaviours = ["pass"] * 4 + ["infra"] + ["fail"] * 3
-    commits, result, _code, _text = bisect_repo(tmp_path, standin, behaviours)
+    commits, result, code, _text = bisect_repo(tmp_path, standin, behaviours)
     assert result.status == "inconclusive" and commits[4] in result.candidates
     assert result.first_bad is None
+    # Inconclusive for an infrastructure reason: 7, not 5 (kernel build failure).
+    assert code == ExitCode.INFRASTRUCTURE
+
+
+@pytest.mark.parametrize("codes, expected", [
+    ([ExitCode.BUILD_FAILURE], ExitCode.BUILD_FAILURE),
+    ([ExitCode.PATCH_FAILURE], ExitCode.PATCH_FAILURE),
+    ([ExitCode.TIMEOUT, ExitCode.TIMEOUT], ExitCode.TIMEOUT),
+    ([ExitCode.SPLAT], ExitCode.INFRASTRUCTURE),   # a guest that died with no test failing
+    ([ExitCode.INFRASTRUCTURE], ExitCode.INFRASTRUCTURE),
+    ([ExitCode.BUILD_FAILURE, ExitCode.INFRASTRUCTURE], ExitCode.INFRASTRUCTURE),
+])
+def test_an_inconclusive_bisect_exits_with_why_its_candidates_were_skipped(codes, expected):
+    steps = [{"commit": f"c{n}", "outcome": "skip", "runs": [{"exit_code": int(code)}]}
+             for n, code in enumerate(codes)]
+    steps.append({"commit": "c9", "outcome": "skip",  # not a candidate: does not count
+                  "runs": [{"exit_code": int(ExitCode.PATCH_FAILURE)}]})
+    candidates = [f"c{n}" for n in range(len(codes))] + ["c8"]
+    assert bisect.inconclusive_exit_code(steps, candidates) == expected
 
 
 def test_a_retry_that_then_fails_labels_the_commit_bad(tmp_path, standin):
