@@ -678,5 +678,5 @@ def test_the_serial_pahole_passes_shellcheck():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed")
     proc = subprocess.run(["shellcheck", str(bisect.REPRODUCIBLE_BTF_DIR / "pahole")],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout
