@@ -16,12 +16,12 @@ scale from the environment (defaults finish in about 30 s under TCG, about 1 s o
   SK_STORAGE_STRESS_OPS      update/delete calls per worker in the one-socket race
                              (default 30000)
   SK_STORAGE_STRESS_BALLAST  sockets whose elements the map-free race's free must walk
-                             (default 256)
+                             (default 512)
   SK_STORAGE_STRESS_TIMEOUT  seconds before a hung race process fails the test (default 300)
   SK_STORAGE_CLEANUP_TIMEOUT seconds to wait for deferred frees (default 30)
 
 A race passes only if it is seen to have raced: the map-free race needs a round in
-which a worker began closing sockets before the map's free had reached its own,
+which a worker closed sockets while the map's free was still unlinking elements,
 the one-socket race needs a delete that succeeded after another delete (so an update
 landed between them).
 """
@@ -72,9 +72,9 @@ FULL = Scale(threads=_scale("SK_STORAGE_STRESS_THREADS", 4),
              sockets=_scale("SK_STORAGE_STRESS_SOCKETS", 48),
              rounds=_scale("SK_STORAGE_STRESS_ROUNDS", 10),
              ops=_scale("SK_STORAGE_STRESS_OPS", 30000),
-             ballast=_scale("SK_STORAGE_STRESS_BALLAST", 256))
+             ballast=_scale("SK_STORAGE_STRESS_BALLAST", 512))
 # Seconds under TCG, yet every race still overlaps (each test checks that it did).
-QUICK = Scale(threads=2, sockets=16, rounds=3, ops=3000, ballast=64)
+QUICK = Scale(threads=2, sockets=16, rounds=3, ops=3000, ballast=256)
 CLEANUP_TIMEOUT = float(os.environ.get("SK_STORAGE_CLEANUP_TIMEOUT", "30"))
 # How long the one-socket race may go on past its calls waiting to be seen racing.
 RACE_BUDGET = 10.0
@@ -135,6 +135,11 @@ def worker_sockets(family: int, count: int) -> list[socket.socket]:
     return made
 
 
+def free_pending(watched: list[tuple[socket.socket, int]]) -> bool:
+    """Whether any watched socket is still charged above its baseline (SO_MEMINFO: fast)."""
+    return any(charges.optmem_now(sock) > baseline for sock, baseline in watched)
+
+
 def map_free_round(round_number: int, families: list[int], scale: Scale) -> bool:
     """One round: workers give storage to their sockets, then drop the map and close.
 
@@ -142,8 +147,8 @@ def map_free_round(round_number: int, families: list[int], scale: Scale) -> bool
     of its sockets; then the freer drops the last reference, and the kernel frees the
     map (unlinking every element) in a worker of its own while the others close their
     second half.  Ballast sockets, kept open, give the free more elements to walk.
-    Returns whether the round raced: a worker found its surviving socket still charged
-    (the free had not reached it yet) right before it closed its second half.
+    Returns whether the round raced: right before or right after a worker closed its
+    second half, a watched socket was still charged (the free had not reached it yet).
     """
     map_fd = maps.create_sk_storage_map(VALUE_SIZE, name="stress_free")
     map_id = maps.map_info(map_fd).id
@@ -159,6 +164,8 @@ def map_free_round(round_number: int, families: list[int], scale: Scale) -> bool
     released = threading.Event()
     survivors: list[socket.socket] = list(ballast)
     survivor_baselines: list[int] = list(ballast_baselines)
+    # Elements sit in hash buckets, which the free walks in order: watch a spread of them.
+    watched_ballast = list(zip(ballast, ballast_baselines))[::max(1, len(ballast) // 8)]
     free_unfinished: list[bool] = []
     lock = threading.Lock()
 
@@ -183,13 +190,15 @@ def map_free_round(round_number: int, families: list[int], scale: Scale) -> bool
             released.set()
         else:
             assert released.wait(BARRIER_TIMEOUT), "the freer never dropped the map"
-            # Still charged: the map's free has not unlinked this socket's element yet,
-            # so the closes below overlap it.
-            unfinished = sockdiag.socket_record(mine[0]).optmem > baseline
-            with lock:
-                free_unfinished.append(unfinished)
+        # A watched socket still charged: the map's free has not unlinked its element yet.
+        # Seen right before or right after this worker's closes, the closes overlapped it.
+        watched = [(mine[0], baseline), *watched_ballast]
+        before = index != freer and free_pending(watched)
         for sock in mine[2::2]:
             sock.close()
+        after = index != freer and free_pending(watched)
+        with lock:
+            free_unfinished.append(before or after)
         with lock:
             survivors.append(mine[0])
             survivor_baselines.append(baseline)

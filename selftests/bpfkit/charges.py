@@ -11,6 +11,7 @@ then pin the charge to the byte on any kernel with BTF.
 from __future__ import annotations
 
 import socket
+import struct
 from dataclasses import dataclass
 
 from . import btf_layout, kernel, sockdiag
@@ -61,3 +62,15 @@ def kernel_charges() -> StorageCharges:
 def optmem(sock: socket.socket) -> int:
     """sk_omem_alloc of a live, bound socket, as sock_diag reports it."""
     return sockdiag.socket_record(sock).optmem
+
+
+SO_MEMINFO = 55  # 4.12+
+
+
+def optmem_now(sock: socket.socket) -> int:
+    """sk_omem_alloc through getsockopt(SO_MEMINFO): one syscall, no dump, any socket.
+
+    For when the moment matters (a race): a sock_diag dump takes milliseconds under TCG.
+    """
+    raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * (sockdiag.SK_MEMINFO_DROPS + 1))
+    return struct.unpack_from("=I", raw, 4 * sockdiag.SK_MEMINFO_OPTMEM)[0]
