@@ -13,7 +13,7 @@ import os
 import socket
 
 import pytest
-from bpfkit import child, maps, probes, syscall, sysctl
+from bpfkit import btf_layout, child, maps, probes, syscall, sysctl
 
 pytestmark = pytest.mark.map_create
 
@@ -144,6 +144,20 @@ def test_value_size_limit_is_e2big(closing, socks):
     with sysctl.temporarily("net.core.optmem_max", 1 << 20):
         maps.update(fd, sock.fileno(), value)
         assert maps.lookup(fd, sock.fileno(), limit) == value
+    # And it is the documented limit, BPF_LOCAL_STORAGE_MAX_VALUE_SIZE: U16_MAX less the
+    # element's own size (the kmalloc bound is far above it), from the kernel's layout.
+    assert limit == documented_max_value_size(), "the value_size limit moved"
+
+
+def documented_max_value_size() -> int:
+    """U16_MAX - sizeof(struct bpf_local_storage_elem) (bpf_sk_storage_elem before 5.10)."""
+    layout = btf_layout.kernel_layout()
+    for name in ("bpf_local_storage_elem", "bpf_sk_storage_elem"):
+        try:
+            return 0xFFFF - layout.size_of(layout.struct_id(name))
+        except LookupError:
+            continue
+    raise LookupError("kernel BTF has no sk storage element struct")
 
 
 def _create_unprivileged(ids: maps.StorageBtf, **attrs):
