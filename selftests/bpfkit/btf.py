@@ -204,10 +204,11 @@ def load_btf(blob: bytes, log_size: int = 1 << 16) -> int:
 
 
 class KernelBtf:
-    """The kernel's own BTF (names and kinds only): type ids by name for attach targets.
+    """A BTF blob indexed: type ids by (kind, name), and where each type's record starts.
 
     Names are compared as string-table offsets, never decoded up front: decoding the
-    kernel's 40,000-130,000 names costs seconds in a TCG guest.
+    kernel's 40,000-130,000 names costs seconds in a TCG guest.  btf_layout.BtfLayout
+    decodes the few types a test asks about from this same index.
     """
 
     def __init__(self, blob: bytes) -> None:
@@ -216,36 +217,53 @@ class KernelBtf:
         )
         if magic != BTF_MAGIC:
             raise ValueError(f"not a BTF blob (magic {magic:#x})")
+        self.blob = blob
         self._strings = blob[hdr_len + str_off: hdr_len + str_off + str_len]
+        self.starts = [0]  # blob offset of each type's record; id 0 is void
         self._ids: dict[tuple[int, int], int] = {}  # (kind, name offset) -> first id
-        pos, end, type_id = hdr_len + type_off, hdr_len + type_off + type_len, 1
+        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
         unpack = struct.Struct("<II").unpack_from
         while pos < end:
             name_off, info = unpack(blob, pos)
             kind = (info >> 24) & 0x1F
             if kind not in _KIND_TAIL:
-                raise ValueError(f"BTF type {type_id} has unknown kind {kind}")
+                raise ValueError(f"BTF type {len(self.starts)} has unknown kind {kind}")
             fixed, per_entry = _KIND_TAIL[kind]
             if name_off:
-                self._ids.setdefault((kind, name_off), type_id)
+                self._ids.setdefault((kind, name_off), len(self.starts))
+            self.starts.append(pos)
             pos += 12 + fixed + per_entry * (info & 0xFFFF)
-            type_id += 1
-        self.type_count = type_id - 1
+        self.type_count = len(self.starts) - 1
 
-    def find(self, name: str, kind: int) -> int:
-        """Id of the first type called `name` of `kind`; LookupError when the kernel has none."""
+    def name_at(self, offset: int) -> str:
+        """The string at `offset` of the string table."""
+        return self._strings[offset: self._strings.index(b"\0", offset)].decode()
+
+    def find_id(self, name: str, kind: int) -> int | None:
+        """Id of the first type called `name` of `kind`, None when there is none."""
         needle, start, ids = b"\0" + name.encode() + b"\0", 0, []
         while (at := self._strings.find(needle, start)) != -1:
             if (kind, at + 1) in self._ids:
                 ids.append(self._ids[(kind, at + 1)])
             start = at + 1
-        if not ids:
+        return min(ids) if ids else None
+
+    def find(self, name: str, kind: int) -> int:
+        """Id of the first type called `name` of `kind`; LookupError when the kernel has none."""
+        found = self.find_id(name, kind)
+        if found is None:
             raise LookupError(f"kernel BTF has no type {name!r} of kind {kind}")
-        return min(ids)
+        return found
+
+
+def kernel_btf(path: str = VMLINUX_BTF) -> KernelBtf:
+    """Parse the running kernel's BTF once; FileNotFoundError when CONFIG_DEBUG_INFO_BTF is off."""
+    # Always call the cache with the path itself: kernel_btf() and kernel_btf(path) are
+    # one entry, so btf_layout.kernel_layout() shares the index the probes built.
+    return _read_kernel_btf(path)
 
 
 @functools.lru_cache(maxsize=1)
-def kernel_btf(path: str = VMLINUX_BTF) -> KernelBtf:
-    """Parse the running kernel's BTF once; FileNotFoundError when CONFIG_DEBUG_INFO_BTF is off."""
+def _read_kernel_btf(path: str) -> KernelBtf:
     with open(path, "rb") as f:
         return KernelBtf(f.read())

@@ -53,69 +53,34 @@ class _Type:
 class BtfLayout:
     """Every type of a BTF blob, enough to compute member offsets and type sizes.
 
-    The constructor only records where each type starts and which string names it:
-    a kernel has 40,000-130,000 types, and decoding them all costs seconds in a TCG
-    guest, while a test looks up a handful.
+    It reads types through btf.KernelBtf's index (where each type starts, which string
+    names it) and decodes one when first asked: a kernel has 40,000-130,000 types, and
+    decoding them all costs seconds in a TCG guest, while a test looks up a handful.
     """
 
-    def __init__(self, blob: bytes) -> None:
-        magic, _version, _flags, hdr_len, type_off, type_len, str_off, str_len = (
-            struct.unpack_from("<HBBIIIII", blob))
-        if magic != btf.BTF_MAGIC:
-            raise ValueError(f"not a BTF blob (magic {magic:#x})")
-        self._blob = blob
-        self._strings = blob[hdr_len + str_off: hdr_len + str_off + str_len]
-        self._starts = [0]  # blob offset of each type's header; id 0 is void
-        self._by_name_off: dict[tuple[int, int], int] = {}
+    def __init__(self, blob: bytes | btf.KernelBtf) -> None:
+        self._index = blob if isinstance(blob, btf.KernelBtf) else btf.KernelBtf(blob)
         self._decoded: dict[int, _Type] = {}
-        tails = btf._KIND_TAIL
-        pos, end = hdr_len + type_off, hdr_len + type_off + type_len
-        unpack = struct.Struct("<II").unpack_from
-        while pos < end:
-            name_off, info = unpack(blob, pos)
-            kind = (info >> 24) & 0x1F
-            if kind not in tails:
-                raise ValueError(f"BTF type {len(self._starts)} has unknown kind {kind}")
-            fixed, per_entry = tails[kind]
-            if name_off:
-                self._by_name_off.setdefault((kind, name_off), len(self._starts))
-            self._starts.append(pos)
-            pos += 12 + fixed + per_entry * (info & 0xFFFF)
-
-    def _name_at(self, offset: int) -> str:
-        return self._strings[offset: self._strings.index(b"\0", offset)].decode()
-
-    def _name_offsets(self, name: str) -> list[int]:
-        """Every offset of the string table where exactly `name` is stored."""
-        needle, found, start = b"\0" + name.encode() + b"\0", [], 0
-        while (at := self._strings.find(needle, start)) != -1:
-            found.append(at + 1)
-            start = at + 1
-        return found
-
-    def _find(self, kind: int, name: str) -> int | None:
-        ids = [self._by_name_off[(kind, off)] for off in self._name_offsets(name)
-               if (kind, off) in self._by_name_off]
-        return min(ids) if ids else None
 
     def _type(self, type_id: int) -> _Type:
-        if not 0 < type_id < len(self._starts):
+        starts = self._index.starts
+        if not 0 < type_id < len(starts):
             raise LookupError(f"BTF has no type id {type_id}")
         found = self._decoded.get(type_id)
         if found is None:
-            pos = self._starts[type_id]
-            name_off, info, size_or_type = struct.unpack_from("<III", self._blob, pos)
+            pos, blob = starts[type_id], self._index.blob
+            name_off, info, size_or_type = struct.unpack_from("<III", blob, pos)
             kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
             fixed, per_entry = btf._KIND_TAIL[kind]
-            found = _Type(kind, self._name_at(name_off) if name_off else "", bool(info >> 31),
-                          size_or_type, self._blob[pos + 12: pos + 12 + fixed + per_entry * vlen],
+            found = _Type(kind, self._index.name_at(name_off) if name_off else "", bool(info >> 31),
+                          size_or_type, blob[pos + 12: pos + 12 + fixed + per_entry * vlen],
                           vlen)
             self._decoded[type_id] = found
         return found
 
     def struct_id(self, name: str) -> int:
         """Id of the struct called `name`; LookupError when there is none."""
-        found = self._find(btf.BTF_KIND_STRUCT, name)
+        found = self._index.find_id(name, btf.BTF_KIND_STRUCT)
         if found is None:
             raise LookupError(f"BTF has no struct {name!r}")
         return found
@@ -145,7 +110,7 @@ class BtfLayout:
         for i in range(t.vlen):
             name_off, member_type, offset = struct.unpack_from("<III", t.tail, 12 * i)
             bits, bitfield = (offset & 0xFFFFFF, offset >> 24) if t.kind_flag else (offset, 0)
-            members.append((self._name_at(name_off) if name_off else "", member_type,
+            members.append((self._index.name_at(name_off) if name_off else "", member_type,
                             bits, bitfield))
         return members
 
@@ -191,6 +156,8 @@ class BtfLayout:
 
 @functools.lru_cache(maxsize=1)
 def kernel_layout(path: str = btf.VMLINUX_BTF) -> BtfLayout:
-    """The running kernel's struct layouts; FileNotFoundError without CONFIG_DEBUG_INFO_BTF."""
-    with open(path, "rb") as f:
-        return BtfLayout(f.read())
+    """The running kernel's struct layouts; FileNotFoundError without CONFIG_DEBUG_INFO_BTF.
+
+    Built on kernel_btf()'s index: the file is read and indexed once per run.
+    """
+    return BtfLayout(btf.kernel_btf(path))
