@@ -147,11 +147,6 @@ def ensure(directory: Path, python: str, suite_dir: Path,
     return GuestBundle(bundle, len(modules))
 
 
-def module_count(bundle: Path) -> int:
-    """How many modules a bundle file holds (for tests and reports)."""
-    return len(marshal.loads(bundle.read_bytes())["modules"])
-
-
 def launcher_or_plain(directory: Path | None, python: str, suite_dir: Path,
                       log: Callable[[str], None]) -> Sequence[str]:
     """The guest's way to start a module: through a bundle, or plainly when none can be made.
