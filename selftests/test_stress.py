@@ -199,7 +199,6 @@ def map_free_round(round_number: int, families: list[int], scale: Scale) -> bool
         after = index != freer and free_pending(watched)
         with lock:
             free_unfinished.append(before or after)
-        with lock:
             survivors.append(mine[0])
             survivor_baselines.append(baseline)
 
