@@ -107,6 +107,21 @@ def fingerprint(public_key: Path) -> str:
     return out.split()[1]
 
 
+def wait_for_port(process: subprocess.Popen, port: int, name: str, log: Path) -> None:
+    """Until the server just started accepts on 127.0.0.1:port; fail (its log quoted) if it
+    exits or does not listen within 15 s."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"{name} did not start: {log.read_text()}")
+            time.sleep(0.05)
+
+
 def start_sshd(directory: Path, sftp: bool = True, pam: bool = False,
                extra: tuple = ()) -> SshServer:
     """sshd on a free port of 127.0.0.1, with or without the sftp subsystem.
@@ -133,16 +148,7 @@ def start_sshd(directory: Path, sftp: bool = True, pam: bool = False,
     log = directory / "sshd.log"
     with open(log, "w") as stderr:
         process = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)], stderr=stderr)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"sshd did not start: {log.read_text()}")
-            time.sleep(0.05)
+    wait_for_port(process, port, "sshd", log)
     return SshServer(port=port, host_key=host_key, client_key=client_key,
                      stranger_key=keygen(directory / "stranger_key"),
                      other_host_key=keygen(directory / "other_host_key"), log=log,
@@ -811,16 +817,7 @@ def dropbear(tmp_path_factory) -> DropbearServer:
     with open(log, "w") as stderr:
         process = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh",
                                     "-c", f"{hide} && exec {serve}"], stderr=stderr)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"dropbear did not start: {log.read_text()}")
-            time.sleep(0.05)
+    wait_for_port(process, port, "dropbear", log)
     yield DropbearServer(port=port, client_key=client_key,
                          known_hosts_line=f"[127.0.0.1]:{port} {kind} {blob}\n", log=log,
                          process=process)
