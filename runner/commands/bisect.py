@@ -586,10 +586,8 @@ def _run_logged(command: Sequence[str], cwd: Path, run_log, log: Callable[[str],
 
 def restore_tree(tree: Path, journal_dir: Path | None, log: Callable[[str], None]) -> bool:
     """End the bisect: replay a step's patch journal if it was killed, then git bisect reset."""
-    if journal_dir is not None and patches.Journal(journal_dir).exists():
-        journal = patches.Journal(journal_dir)
-        restored = journal.restore()
-        journal.discard()
+    restored = patches.replay_journal(journal_dir) if journal_dir is not None else None
+    if restored is not None:
         log(f"bisect: removed the series a stopped step left in {len(restored)} file(s)")
     proc = git(tree, "bisect", "reset", check=False)
     if proc.returncode != 0:
@@ -848,11 +846,6 @@ def default_output() -> Path:
     return Path.cwd() / "runs" / f"bisect-{stamp}"
 
 
-def journal_dir_for(cache_root: Path, tree: Path) -> Path:
-    """Where the pipeline keeps its patch journal for a tree (pipeline.build_from_source)."""
-    return cache_root / "restore" / hashlib.sha256(str(tree).encode()).hexdigest()[:16]
-
-
 def main(args: argparse.Namespace) -> int:
     """`run-selftests bisect`: check, drive `git bisect run`, report, always reset."""
     _check_counts(args)
@@ -867,7 +860,7 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"{out} already holds the steps of a bisect; pass another --output")
     cache = open_cache(args.cache_dir)
     command = step_command(step_arguments(args, tree, out))
-    result = drive(tree, good, bad, command, out, journal_dir_for(cache.root, tree))
+    result = drive(tree, good, bad, command, out, patches.journal_dir_for(cache.root, tree))
     code = report(tree, result, bad, print)
     print(f"bisect: artifacts in {out}")
     return code

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import hashlib
 import json
 import re
 import subprocess
@@ -45,7 +44,7 @@ from runner.commands import option_groups, pipeline, regressions
 from runner.errors import ExitCode, Interrupted, UsageError
 from runner.markdown import cell
 from runner.stages import artifacts, results
-from runner.stages.patches import load_series, tree_lock
+from runner.stages.patches import journal_dir_for, load_series, pristine_tree
 
 CATALOGUE = pipeline.REPO_ROOT / "kernel_patches" / "mutants" / "catalogue.json"
 MUTANTS_MD = "mutants.md"
@@ -540,12 +539,6 @@ def prepare_slot_series(directory: Path, default_series: Path, patch: Path) -> P
     return series
 
 
-def _source_lock(cache, src_path: Path) -> Path:
-    # The lock the pipeline holds while the tree is patched (runner.commands.pipeline / patches).
-    journal = cache.root / "restore" / hashlib.sha256(str(src_path).encode()).hexdigest()[:16]
-    return journal.with_name(journal.name + ".lock")
-
-
 def prepare(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[list[Mutant], dict]:
     """The mutants to run and their patches {id: text}; equivalent ones get no patch."""
     from runner.stages import source
@@ -557,8 +550,8 @@ def prepare(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[list[
     user_sections = split_patch(args.from_diff.read_text()) if args.from_diff else {}
     mutants = [] if args.from_diff else select(load_catalogue(args.catalogue), args.only)
     rels = set(user_sections) | {m.file for m in mutants}
-    # Read the pristine tree while no run has its series applied.
-    with tree_lock(_source_lock(cache, src.path), src.path, log):
+    # Read the pristine tree: no run has its series applied, none was left applied.
+    with pristine_tree(journal_dir_for(cache.root, src.path), src.path, log):
         texts = post_series_texts(src.path, pipeline.DEFAULT_SERIES, rels)
     base_change = {}
     for rel, section in user_sections.items():

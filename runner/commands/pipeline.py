@@ -8,7 +8,6 @@ summary.json complete even when a stage fails.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import platform
 import sys
@@ -170,7 +169,7 @@ def build_from_source(
                              fragments=[str(f.path) for f in fragments])
     timings["source"] = round(time.monotonic() - started, 2)
 
-    journal = cache.root / "restore" / hashlib.sha256(str(src.path).encode()).hexdigest()[:16]
+    journal = patches.journal_dir_for(cache.root, src.path)
     started = time.monotonic()
     # Which logs belong to this run: a build directory keeps the previous run's.
     reached = set()

@@ -458,16 +458,44 @@ class _NotApplied(Exception):
         self.lines = lines
 
 
-@contextlib.contextmanager
-def tree_lock(lock_file: Path, tree: Path, log: Callable[[str], None] = print) -> Iterator[None]:
-    """Hold an exclusive lock on a source tree: one run at a time patches and builds it.
+def journal_dir_for(cache_root: Path, tree: Path) -> Path:
+    """Where the patch journal of a tree lives; its lock file sits beside it (<dir>.lock)."""
+    return cache_root / "restore" / hashlib.sha256(str(tree).encode()).hexdigest()[:16]
 
-    Runs in parallel (a bisect, a regression sweep, a user) share the cached
-    default tree; without this, one run would build another's patches or
-    "repair" a live run's journal.
+
+def replay_journal(journal_dir: Path) -> list[str] | None:
+    """Put back what a killed run left patched; the paths restored, or None if no journal.
+
+    Call it holding the tree lock (see pristine_tree), never beside a live run.
     """
+    journal = Journal(journal_dir)
+    if not journal.exists():
+        return None
+    with signals_deferred():
+        restored = journal.restore()
+        journal.discard()
+    return restored
+
+
+@contextlib.contextmanager
+def pristine_tree(journal_dir: Path, tree: Path,
+                  log: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold the tree's lock, with any series a killed run left applied taken out first.
+
+    One run at a time patches and builds a tree: runs in parallel (a bisect, a
+    regression sweep, a user) share the cached default tree, and without the
+    lock one would build another's patches or "repair" a live run's journal.
+    Every reader of the pristine text goes through here, so a run killed with
+    its series applied (SIGKILL, a reset machine) never leaves the next run
+    reading patched text.
+    """
+    lock_file = journal_dir.with_name(journal_dir.name + ".lock")
     with file_lock.exclusive(lock_file, f"patches: waiting for another run that is building "
                                         f"{tree}", log):
+        restored = replay_journal(journal_dir)
+        if restored is not None:
+            log(f"patches: restored {len(restored)} file(s) that an interrupted run left "
+                f"patched in {tree}")
         yield
 
 
@@ -481,11 +509,10 @@ def series_applied(
 ) -> Iterator[AppliedSeries]:
     """Apply the series for the duration of the block; the tree is restored whatever happens.
 
-    The tree is locked for the whole block (see tree_lock), also with no
+    The tree is locked for the whole block (see pristine_tree), also with no
     series, so a plain build never sees another run's patches.
     """
-    lock_file = journal_dir.with_name(journal_dir.name + ".lock")
-    with tree_lock(lock_file, source.path, log), \
+    with pristine_tree(journal_dir, source.path, log), \
             _applied(source, series, journal_dir, force, log) as applied:
         yield applied
 
@@ -496,12 +523,6 @@ def _applied(
     log: Callable[[str], None],
 ) -> Iterator[AppliedSeries]:
     journal = Journal(journal_dir)
-    if journal.exists():
-        with signals_deferred():
-            restored = journal.restore()
-            journal.discard()
-        log(f"patches: restored {len(restored)} file(s) that an interrupted run left patched "
-            f"in {source.path}")
     applied = AppliedSeries(source.path)
     if series is None or not series.entries:
         yield applied

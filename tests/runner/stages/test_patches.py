@@ -429,6 +429,28 @@ def test_a_killed_run_is_repaired_by_the_next_one(tree, patch_dir, tmp_path):
     assert "interrupted run left patched" in log[0]
 
 
+
+def test_a_reader_of_the_pristine_text_repairs_a_killed_run_first(tree, patch_dir, tmp_path):
+    """`mutants` reads the tree's text under pristine_tree: after a SIGKILLed run (a reset
+    machine), it must read the original file, not the series the dead run left applied."""
+    c_file = "net/core/bpf_sk_storage.c"
+    make_patch(tree.path, {c_file: edited(c_file, "line 7\n", "line 7 patched\n")},
+               patch_dir / "p.patch")
+    series = write_series(patch_dir, "p.patch")
+    before = snapshot(tree.path)
+    proc = start_holder(tree, series, tmp_path / "journal")
+    proc.kill()
+    proc.wait(timeout=30)
+    log = []
+    with patches.pristine_tree(tmp_path / "journal", tree.path, log=log.append):
+        assert "line 7 patched" not in (tree.path / c_file).read_text()
+        assert snapshot(tree.path) == before
+    assert "interrupted run left patched" in log[0]
+    assert not (tmp_path / "journal").exists()
+    with patches.pristine_tree(tmp_path / "journal", tree.path, log=log.append):
+        pass
+    assert len(log) == 1  # nothing left to repair the second time
+
 # --- warm rebuilds ---------------------------------------------------------------------------------
 
 
