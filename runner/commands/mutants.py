@@ -503,8 +503,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the default source) adds; each mutant keeps the diff itself")
     parser.add_argument("--list", action="store_true",
                         help="print the mutants (and check every one applies), build nothing")
-    parser.add_argument("--from-dir", type=Path, metavar="DIR",
-                        help="rebuild the table from an earlier mutants output directory")
+    parser.add_argument("--from-dir", type=Path, metavar="DIR", action="append",
+                        help="rebuild the table from an earlier mutants output directory; "
+                             "repeat it to merge a sweep run in parts (a mutant's row comes "
+                             "from the last DIR that has it; several need --output)")
     # A mutant always builds the default source + kernel_patches/series + one edit.
     regressions.add_run_options(parser)
 
@@ -576,15 +578,8 @@ def prepare(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[list[
 
 def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     """Build, boot and judge every selected mutant (or re-read them), then print the table."""
-    if args.from_dir is not None:
-        mutants = select(load_catalogue(args.catalogue), args.only)
-        known, problem = baseline_failures(args.from_dir / BASELINE)
-        if problem and (args.from_dir / BASELINE).is_dir():
-            raise UsageError(problem)
-        outcomes = [equivalent_outcome(m) if m.equivalent
-                    else outcome_from_dir(m, args.from_dir / m.id, known_failures=known)
-                    for m in mutants if m.equivalent or (args.from_dir / m.id).is_dir()]
-        return _finish(args.from_dir, outcomes, _title(args), log, known)
+    if args.from_dir:
+        return tables_from_dirs(args, log)
     mutants, patches = prepare(args, log)
     if args.list:
         for m in mutants:
@@ -632,6 +627,37 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
             write_tables(out, outcomes, title + " (interrupted)", known)
         raise
     return _finish(out, outcomes, title, log, known)
+
+
+def tables_from_dirs(args: argparse.Namespace, log: Callable[[str], None]) -> int:
+    """--from-dir: the table of one earlier sweep, or of a sweep run in parts.
+
+    A sweep cut short (a reset machine, batches of --only) is finished by running
+    the rest into another directory; each part is judged against its own
+    unmutated run, and a mutant run in several parts keeps its last row.
+    """
+    dirs = args.from_dir
+    if len(dirs) > 1 and args.output is None:
+        raise UsageError("several --from-dir: name the directory for the merged table "
+                         "with --output DIR")
+    rows: dict[str, Outcome] = {}
+    known: list[str] = []
+    for directory in dirs:
+        if not directory.is_dir():
+            raise UsageError(f"--from-dir: {directory} is not a directory")
+        part_known, problem = baseline_failures(directory / BASELINE)
+        if problem and (directory / BASELINE).is_dir():
+            raise UsageError(problem)
+        known += [name for name in part_known if name not in known]
+        for m in select(load_catalogue(args.catalogue), args.only):
+            if not m.equivalent and (directory / m.id).is_dir():
+                rows[m.id] = outcome_from_dir(m, directory / m.id, known_failures=part_known)
+    outcomes = [equivalent_outcome(m) if m.equivalent else rows[m.id]
+                for m in select(load_catalogue(args.catalogue), args.only)
+                if m.equivalent or m.id in rows]
+    out = dirs[0] if args.output is None else args.output
+    out.mkdir(parents=True, exist_ok=True)
+    return _finish(out, outcomes, _title(args), log, known)
 
 
 def baseline(args: argparse.Namespace, out: Path, log: Callable[[str], None]) -> list[str]:

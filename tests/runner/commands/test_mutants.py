@@ -285,6 +285,36 @@ def test_from_dir_rebuilds_the_table_without_booting(tmp_path, capsys):
     assert "Score: 1/2" in capsys.readouterr().out
 
 
+
+def test_from_dir_merges_a_sweep_run_in_parts(tmp_path):
+    """A sweep cut short and finished in a second run: one table, each part judged by its
+    own baseline, the later run's row kept for a mutant run in both."""
+    catalogue = write_catalogue(tmp_path, [
+        entry(id="first"), entry(id="rerun"), entry(id="second"), entry(id="argued",
+                                                                        equivalent="why")])
+    parts = {"part1": {"baseline": summary(0, []), "first": summary(1, [("test_a", "failed")]),
+                       "rerun": summary(0, [])},
+             "part2": {"baseline": summary(1, [("flaky", "failed")]),
+                       "rerun": summary(1, [("test_b", "failed")]),
+                       "second": summary(1, [("flaky", "failed")])}}
+    for part, runs in parts.items():
+        for name, data in runs.items():
+            (tmp_path / part / name).mkdir(parents=True)
+            (tmp_path / part / name / "summary.json").write_text(json.dumps(data))
+    argv = ["mutants", "--catalogue", str(catalogue), "--from-dir", str(tmp_path / "part1"),
+            "--from-dir", str(tmp_path / "part2")]
+    assert cli.main(argv) == int(ExitCode.USAGE)  # where does the merged table go?
+    assert cli.main(argv + ["--output", str(tmp_path / "all")]) == int(ExitCode.TEST_FAILURE)
+    data = json.loads((tmp_path / "all" / "mutants.json").read_text())
+    statuses = {m["id"]: m["status"] for m in data["mutants"]}
+    assert statuses == {"first": KILLED, "rerun": KILLED, "second": SURVIVED,
+                        "argued": EQUIVALENT}
+    assert [m["id"] for m in data["mutants"]] == ["first", "rerun", "second", "argued"]
+    assert data["baseline_failures"] == ["flaky"]
+    assert not (tmp_path / "part1" / "mutants.md").exists()  # the parts are left alone
+    missing = ["--from-dir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x")]
+    assert cli.main(argv + missing) == int(ExitCode.USAGE)
+
 def test_options_that_pick_another_kernel_are_refused():
     assert cli.main(["mutants", "--distro-kernel", "6.1"]) == int(ExitCode.USAGE)
 
