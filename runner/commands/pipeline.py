@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import shutil
 import sys
 import time
 import traceback
@@ -210,6 +211,10 @@ def build_from_source(
             timings["build"] = round(built.seconds, 2)
             summary.build = {"command": built.command, "steps": built.steps,
                                 "targets": targets, "make_skipped": built.skipped}
+            # Still under the tree lock: once it is released, another run of the same
+            # source may rebuild the build directory's image before this one boots.
+            image = out / artifacts.BOOTED_IMAGE
+            shutil.copyfile(built.image, image)
     finally:
         if "config" in reached:
             artifacts.save_copy(build_dir.config_log, out, artifacts.CONFIG_LOG)
@@ -218,7 +223,7 @@ def build_from_source(
             artifacts.save_copy(build_dir.build_log, out, artifacts.BUILD_LOG)
         if series is not None:
             artifacts.save_series(out, series.file, (summary.series or {}).get("entries", []))
-    return KernelToBoot(built.image, f"built from {src.origin}",
+    return KernelToBoot(image, f"built from {src.origin}",
                         details={"build_dir": str(build_dir.root)})
 
 

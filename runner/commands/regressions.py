@@ -222,6 +222,9 @@ def run_one(options: pipeline.RunOptions, out: Path, log: Callable[[str], None],
                 log(f"  {line}")
 
         _, error = pipeline.run_recorded(options, run_log)
+    # Each run of a sweep boots its own copy of the image; judging it needs only the
+    # logs, and 10 MB per mutant adds up over a sweep.
+    (out / artifacts.BOOTED_IMAGE).unlink(missing_ok=True)
     return time.monotonic() - started, error
 
 

@@ -22,6 +22,9 @@ CONSOLE_LOG = "console.log"
 BUILD_LOG = "build.log"
 CONFIG_LOG = "config.log"
 KERNEL_CONFIG = "kernel.config"
+# The image a built kernel booted from: a copy taken under the tree lock, and what
+# `--kernel-image <run>/bzImage` boots again.
+BOOTED_IMAGE = "bzImage"
 SUMMARY = "summary.json"
 SERIES_DIR = "series"
 # What the guest writes into the output directory (see boot.guest_test_command).
