@@ -397,15 +397,22 @@ def start_holder(tree, series, journal):
     return proc
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_during_the_build_restores_the_tree(tree, patch_dir, tmp_path, sig):
+def holder_with_one_patch(tree, patch_dir, journal) -> tuple[subprocess.Popen, str, dict]:
+    """A run holding a one-line series applied: (its process, the patched file, the tree's
+    snapshot from before)."""
     c_file = "net/core/bpf_sk_storage.c"
     make_patch(tree.path, {c_file: edited(c_file, "line 7\n", "line 7 patched\n")},
                patch_dir / "p.patch")
     series = write_series(patch_dir, "p.patch")
     before = snapshot(tree.path)
-    proc = start_holder(tree, series, tmp_path / "journal")
+    proc = start_holder(tree, series, journal)
     assert "line 7 patched" in (tree.path / c_file).read_text()
+    return proc, c_file, before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_the_build_restores_the_tree(tree, patch_dir, tmp_path, sig):
+    proc, _, before = holder_with_one_patch(tree, patch_dir, tmp_path / "journal")
     proc.send_signal(sig)
     proc.wait(timeout=30)
     assert proc.returncode != 0
@@ -413,43 +420,28 @@ def test_a_signal_during_the_build_restores_the_tree(tree, patch_dir, tmp_path, 
     assert not (tmp_path / "journal").exists()
 
 
-def test_a_killed_run_is_repaired_by_the_next_one(tree, patch_dir, tmp_path):
-    c_file = "net/core/bpf_sk_storage.c"
-    make_patch(tree.path, {c_file: edited(c_file, "line 7\n", "line 7 patched\n")},
-               patch_dir / "p.patch")
-    series = write_series(patch_dir, "p.patch")
-    before = snapshot(tree.path)
-    proc = start_holder(tree, series, tmp_path / "journal")
-    proc.kill()  # SIGKILL: no finally block runs
+@pytest.mark.parametrize("next_run", ["series_applied", "pristine_tree"])
+def test_a_killed_run_is_repaired_by_the_next_one(tree, patch_dir, tmp_path, next_run):
+    """SIGKILL (or a reset machine) runs no finally block. The next run that applies a
+    series, and the next that only reads the pristine text (`mutants`), restore first."""
+    journal = tmp_path / "journal"
+    proc, c_file, before = holder_with_one_patch(tree, patch_dir, journal)
+    proc.kill()
     proc.wait(timeout=30)
     assert "line 7 patched" in (tree.path / c_file).read_text()
     log = []
-    with patches.series_applied(tree, None, tmp_path / "journal", log=log.append):
+    enter = {"series_applied": lambda: patches.series_applied(tree, None, journal,
+                                                              log=log.append),
+             "pristine_tree": lambda: patches.pristine_tree(journal, tree.path,
+                                                            log=log.append)}[next_run]
+    with enter():
         assert snapshot(tree.path) == before
     assert "interrupted run left patched" in log[0]
-
-
-
-def test_a_reader_of_the_pristine_text_repairs_a_killed_run_first(tree, patch_dir, tmp_path):
-    """`mutants` reads the tree's text under pristine_tree: after a SIGKILLed run (a reset
-    machine), it must read the original file, not the series the dead run left applied."""
-    c_file = "net/core/bpf_sk_storage.c"
-    make_patch(tree.path, {c_file: edited(c_file, "line 7\n", "line 7 patched\n")},
-               patch_dir / "p.patch")
-    series = write_series(patch_dir, "p.patch")
-    before = snapshot(tree.path)
-    proc = start_holder(tree, series, tmp_path / "journal")
-    proc.kill()
-    proc.wait(timeout=30)
-    log = []
-    with patches.pristine_tree(tmp_path / "journal", tree.path, log=log.append):
-        assert "line 7 patched" not in (tree.path / c_file).read_text()
-        assert snapshot(tree.path) == before
-    assert "interrupted run left patched" in log[0]
-    assert not (tmp_path / "journal").exists()
-    with patches.pristine_tree(tmp_path / "journal", tree.path, log=log.append):
+    assert not journal.exists()
+    with enter():
         pass
     assert len(log) == 1  # nothing left to repair the second time
+
 
 # --- warm rebuilds ---------------------------------------------------------------------------------
 
