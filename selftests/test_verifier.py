@@ -4,7 +4,8 @@ bpf_sk_storage_get(map, sk, value, flags): `map` must be a constant pointer to a
 storage map (check_map_func_compatibility: EINVAL otherwise), `value` is
 ARG_PTR_TO_MAP_VALUE_OR_NULL: NULL or a pointer to value_size readable bytes (EACCES
 for a non-zero scalar or a pointer of another kind).
-bpf_sk_storage_delete(map, sk) has the same map rule.
+bpf_sk_storage_delete(map, sk) has the same map rule. The rule also holds the other way
+round: an sk storage map is refused by every other map helper.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from bpfkit.asm import (
     ldx_mem,
     mov64_imm,
     mov64_reg,
+    W,
     st_mem,
 )
 
@@ -122,12 +124,42 @@ def test_delete_with_storage_map_loads(storage_map):
     os.close(load(program(delete_call(storage_map))))
 
 
-def test_delete_with_another_map_type_is_einval(closing):
-    """An array map passed to bpf_sk_storage_delete is EINVAL."""
+def storage_helper_call(helper: str, map_fd: int) -> list:
+    """bpf_sk_storage_get(map, sk, NULL, F_CREATE) or bpf_sk_storage_delete(map, sk)."""
+    if helper == "sk_storage_delete":
+        return delete_call(map_fd)
+    return [ld_map_fd(R1, map_fd), mov64_reg(R2, R7), mov64_imm(R3, 0),
+            mov64_imm(R4, syscall.BPF_SK_STORAGE_GET_F_CREATE), call(helper)]
+
+
+@pytest.mark.parametrize("helper", ["sk_storage_get", "sk_storage_delete"])
+def test_storage_helper_with_another_map_type_is_einval(helper, storage_map, closing):
+    """An array map passed to bpf_sk_storage_get/delete is EINVAL (the storage map loads)."""
+    os.close(load(program(storage_helper_call(helper, storage_map))))
     array = closing(maps.create_map(syscall.BPF_MAP_TYPE_ARRAY, 4, 8, 1))
-    err = rejection(program(delete_call(array)))
+    err = rejection(program(storage_helper_call(helper, array)))
     assert err.errno == errno.EINVAL
-    assert "cannot pass map_type 2 into func bpf_sk_storage_delete" in err.detail
+    assert f"cannot pass map_type {syscall.BPF_MAP_TYPE_ARRAY} into func bpf_{helper}#" \
+        in err.detail
+
+
+def generic_map_call(helper: str, map_fd: int) -> list:
+    """bpf_map_lookup_elem/delete_elem(map, &key) with a 4-byte key on the stack."""
+    return [st_mem(W, R10, -4, 0), mov64_reg(R2, R10), alu64_imm(ADD, R2, -4),
+            ld_map_fd(R1, map_fd), call(helper)]
+
+
+@pytest.mark.parametrize("helper", ["map_lookup_elem", "map_delete_elem"])
+def test_storage_map_in_a_generic_map_helper_is_einval(helper, storage_map, closing):
+    """A storage map is only for its own two helpers: bpf_map_lookup_elem and
+    bpf_map_delete_elem refuse it with EINVAL, where a hash map of the same key and value
+    sizes loads (their kernel side takes a socket fd, not a key)."""
+    hash_map = closing(maps.create_map(syscall.BPF_MAP_TYPE_HASH, 4, VALUE_SIZE, 1))
+    os.close(load(program(generic_map_call(helper, hash_map))))
+    err = rejection(program(generic_map_call(helper, storage_map)))
+    assert err.errno == errno.EINVAL
+    assert f"cannot pass map_type {syscall.BPF_MAP_TYPE_SK_STORAGE} into func bpf_{helper}#" \
+        in err.detail
 
 
 def test_delete_with_arguments_swapped_is_eacces(storage_map):

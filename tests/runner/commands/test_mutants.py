@@ -21,6 +21,10 @@ from runner.commands.mutants import (
 from runner.errors import ExitCode, UsageError
 
 SK_FILES = {"kernel/bpf/bpf_local_storage.c", "net/core/bpf_sk_storage.c"}
+# Where the rest of the kernel meets sk storage: the verifier's map/helper rules, the spin-lock
+# map types, each program type's helper table, and the socket's destroy and clone paths.
+CALLERS = {"kernel/bpf/verifier.c", "kernel/bpf/syscall.c", "net/core/filter.c",
+           "kernel/bpf/cgroup.c", "kernel/trace/bpf_trace.c", "net/core/sock.c"}
 
 
 def write_catalogue(tmp_path: Path, entries) -> Path:
@@ -43,7 +47,8 @@ def test_real_catalogue_has_forty_runnable_mutants_of_the_sk_storage_code():
     catalogue = mutants.load_catalogue()
     runnable = [m for m in catalogue if not m.equivalent]
     assert len(runnable) >= 40
-    assert {m.file for m in catalogue} == SK_FILES
+    files = {m.file for m in catalogue}
+    assert SK_FILES <= files <= SK_FILES | CALLERS
     assert len({m.id for m in catalogue}) == len(catalogue)
     for m in catalogue:
         assert m.breaks.strip() and "\n" not in m.breaks, m.id
