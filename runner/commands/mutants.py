@@ -640,6 +640,7 @@ def tables_from_dirs(args: argparse.Namespace, log: Callable[[str], None]) -> in
     if len(dirs) > 1 and args.output is None:
         raise UsageError("several --from-dir: name the directory for the merged table "
                          "with --output DIR")
+    selected = select(load_catalogue(args.catalogue), args.only)
     rows: dict[str, Outcome] = {}
     known: list[str] = []
     for directory in dirs:
@@ -649,12 +650,11 @@ def tables_from_dirs(args: argparse.Namespace, log: Callable[[str], None]) -> in
         if problem and (directory / BASELINE).is_dir():
             raise UsageError(problem)
         known += [name for name in part_known if name not in known]
-        for m in select(load_catalogue(args.catalogue), args.only):
+        for m in selected:
             if not m.equivalent and (directory / m.id).is_dir():
                 rows[m.id] = outcome_from_dir(m, directory / m.id, known_failures=part_known)
     outcomes = [equivalent_outcome(m) if m.equivalent else rows[m.id]
-                for m in select(load_catalogue(args.catalogue), args.only)
-                if m.equivalent or m.id in rows]
+                for m in selected if m.equivalent or m.id in rows]
     out = dirs[0] if args.output is None else args.output
     out.mkdir(parents=True, exist_ok=True)
     return _finish(out, outcomes, _title(args), log, known)
