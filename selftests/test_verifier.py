@@ -27,6 +27,7 @@ from bpfkit.asm import (
     R6,
     R7,
     R10,
+    W,
     alu64_imm,
     assemble,
     call,
@@ -37,7 +38,6 @@ from bpfkit.asm import (
     ldx_mem,
     mov64_imm,
     mov64_reg,
-    W,
     st_mem,
 )
 
