@@ -144,6 +144,23 @@ def test_locked_update_in_place_charges_nothing(layout, new_storage_map, socks):
     assert charges.optmem(sock) - baseline == layout.first_element(16)
 
 
+def test_locked_exist_update_checks_its_flags_before_charging(layout, new_storage_map, socks):
+    """BPF_EXIST|BPF_F_LOCK of a missing value is ENOENT even when no element could be
+    charged: its flags are checked before anything is allocated. BPF_ANY|BPF_F_LOCK, which
+    must allocate, is ENOMEM at the same limit."""
+    probes.require("spin_lock_value")
+    other, map_fd = new_storage_map(8), new_storage_map(16, spin_lock=True)
+    sock = socks.bound(socket.AF_INET, socket.SOCK_DGRAM)
+    maps.update(other, sock.fileno(), fill(8, 1))
+    charged = charges.optmem(sock)
+    with sysctl.temporarily(OPTMEM_MAX, charged):
+        assert update_errno(map_fd, sock, bytes(16),
+                            syscall.BPF_ANY | syscall.BPF_F_LOCK) == errno.ENOMEM
+        assert update_errno(map_fd, sock, bytes(16),
+                            syscall.BPF_EXIST | syscall.BPF_F_LOCK) == errno.ENOENT
+    assert charges.optmem(sock) == charged
+
+
 def test_storage_is_recreated_after_the_last_delete(layout, new_storage_map, socks):
     """Deleting a socket's last value frees its storage; the next value builds a new one.
 
