@@ -94,7 +94,12 @@ def cookie_offset() -> int:
 
 
 def read_records(link_fd: int, chunk: int) -> list[tuple[int, int]]:
-    """Run the iterator once, reading `chunk` bytes per read(); the records it wrote."""
+    """Run the iterator once, reading `chunk` bytes per read(); the records it wrote.
+
+    A walk that never ends (a resume that starts over) fails the test once it has
+    written more records than the map could hold, instead of hanging the guest.
+    """
+    most = SOCKETS * RECORD.size
     fd = prog.iter_create(link_fd)
     try:
         data = b""
@@ -105,6 +110,9 @@ def read_records(link_fd: int, chunk: int) -> list[tuple[int, int]]:
                 break
             data += part
             reads += 1
+            if len(data) > most:
+                pytest.fail(f"the iterator wrote {len(data) // RECORD.size} records and had "
+                            f"not ended; the map holds at most {SOCKETS}")
     finally:
         os.close(fd)
     assert len(data) % RECORD.size == 0, f"{len(data)} bytes is no whole number of records"
