@@ -22,7 +22,9 @@ the run passes; build-error when it does not patch or build.  The table
 `--from-diff PATCH` asks "does the suite even see my change?": the user's
 diff (against the default source) is applied on top of the series and
 mutation operators are applied to the lines it adds, one mutant each; every
-mutant's patch carries the user's change plus one mutation.
+mutant's patch carries the user's change plus one mutation, and the
+unmutated run is the user's change alone (a test the change itself fails
+kills none of its mutants).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ CATALOGUE = pipeline.REPO_ROOT / "kernel_patches" / "mutants" / "catalogue.json"
 MUTANTS_MD = "mutants.md"
 MUTANTS_JSON = "mutants.json"
 PATCH_NAME = "mutant.patch"
+USER_CHANGE = "user-change.patch"  # --from-diff: the baseline's patch, the change unmutated
 SLOT = "mutant-slot.patch"
 BASELINE = "baseline"
 SCHEMA = 1
@@ -541,8 +544,10 @@ def prepare_slot_series(directory: Path, default_series: Path, patch: Path) -> P
     return series
 
 
-def prepare(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[list[Mutant], dict]:
-    """The mutants to run and their patches {id: text}; equivalent ones get no patch."""
+def prepare(args: argparse.Namespace,
+            log: Callable[[str], None]) -> tuple[list[Mutant], dict, str | None]:
+    """The mutants to run, their patches {id: text} (equivalent ones get none), and for
+    --from-diff the user's change alone as a patch on top of the series (else None)."""
     from runner.stages import source
 
     if args.from_diff is not None and not args.from_diff.is_file():
@@ -573,14 +578,16 @@ def prepare(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[list[
             patches[mutant.id] = mutant_patch(mutant, texts, base_change)
         except ValueError as exc:
             raise UsageError(f"{exc}; fix the catalogue entry") from None
-    return mutants, patches
+    base_patch = (unified_patch({rel: (texts[rel], new) for rel, new in base_change.items()})
+                  if base_change else None)
+    return mutants, patches, base_patch
 
 
 def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     """Build, boot and judge every selected mutant (or re-read them), then print the table."""
     if args.from_dir:
         return tables_from_dirs(args, log)
-    mutants, patches = prepare(args, log)
+    mutants, patches, base_patch = prepare(args, log)
     if args.list:
         for m in mutants:
             log(f"{m.id:40} {m.file}: {m.breaks}"
@@ -592,9 +599,9 @@ def main(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     log(f"mutants: {len(patches)} to build, {len(mutants) - len(patches)} equivalent, into {out}")
     outcomes: list[Outcome] = []
     title = _title(args)
-    known = baseline(args, out, log)
     try:
         with regressions.sweep_lock(slot_dir(cache), log):
+            known = baseline(args, out, log, baseline_series(cache, out, base_patch))
             built = 0
             for mutant in mutants:
                 if mutant.equivalent:
@@ -660,19 +667,37 @@ def tables_from_dirs(args: argparse.Namespace, log: Callable[[str], None]) -> in
     return _finish(out, outcomes, _title(args), log, known)
 
 
-def baseline(args: argparse.Namespace, out: Path, log: Callable[[str], None]) -> list[str]:
-    """Run the unmutated default kernel (same selection) into <out>/baseline; its failures.
+def baseline_series(cache, out: Path, base_patch: str | None) -> Path | None:
+    """The series of the unmutated run: the default one for the catalogue; for --from-diff
+    the default series plus the user's change, in the mutants' slot (so the baseline
+    builds incrementally where the mutants will)."""
+    if base_patch is None:
+        return None
+    patch_file = out / BASELINE / USER_CHANGE
+    patch_file.parent.mkdir(parents=True, exist_ok=True)
+    patch_file.write_text(base_patch)
+    return prepare_slot_series(slot_dir(cache), pipeline.DEFAULT_SERIES, patch_file)
 
-    A test that fails without any mutant says nothing about a mutant (a known bug, an
-    expectation out of date), so it cannot kill one; a baseline that crashed or did not
-    build makes the whole sweep meaningless and stops it.
+
+def baseline(args: argparse.Namespace, out: Path, log: Callable[[str], None],
+             series: Path | None = None) -> list[str]:
+    """Run the unmutated kernel (same selection) into <out>/baseline; its failures.
+
+    Unmutated means the default kernel, or for --from-diff the default kernel with
+    the user's change (`series`): a test that the change itself fails says nothing
+    about its mutants.  A test that fails without any mutant (a known bug, an
+    expectation out of date, the change under test) cannot kill one; a baseline
+    that crashed or did not build makes the whole sweep meaningless and stops it.
     """
     target = out / BASELINE
-    log(f"mutants: the unmutated kernel first; log: {target / regressions.RUN_LOG}")
+    what = "the unmutated kernel" if series is None else "your change without mutation"
+    log(f"mutants: {what} first; log: {target / regressions.RUN_LOG}")
     reproducer = (["-k", args.keyword] if args.keyword else []) + (
         ["-m", args.markers] if args.markers else [])
     options = option_groups.options_from_args(args, reproducer)
     options = dataclasses.replace(options, output=target)
+    if series is not None:
+        options = dataclasses.replace(options, series=series)
     seconds, error = regressions.run_one(options, target, log, args.verbose)
     known, problem = baseline_failures(target)
     if problem:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 from pathlib import Path
@@ -319,6 +320,40 @@ def test_from_dir_merges_a_sweep_run_in_parts(tmp_path):
     assert not (tmp_path / "part1" / "mutants.md").exists()  # the parts are left alone
     missing = ["--from-dir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x")]
     assert cli.main(argv + missing) == int(ExitCode.USAGE)
+
+
+@pytest.mark.parametrize("base_patch", [None, "diff --git a/x.c b/x.c\n"],
+                         ids=["catalogue", "from-diff"])
+def test_the_baseline_is_the_users_change_without_mutation(tmp_path, monkeypatch, base_patch):
+    """--from-diff mutants carry the user's change: their baseline must carry it too, or a
+    test that the change itself fails would count as killing every mutant."""
+    from runner.cache import open_cache
+    from runner.stages.patches import load_series
+
+    seen = []
+
+    def fake_run(options, target, log, verbose):
+        seen.append(options)
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "summary.json").write_text(json.dumps(summary(1, [("test_changed", "failed")])))
+        return 1.0, None
+
+    monkeypatch.setattr(mutants.regressions, "run_one", fake_run)
+    parser = argparse.ArgumentParser()
+    mutants.add_arguments(parser)
+    args = parser.parse_args(["--cache-dir", str(tmp_path / "cache")])
+    cache = open_cache(tmp_path / "cache")
+    series = mutants.baseline_series(cache, tmp_path / "out", base_patch)
+    known = mutants.baseline(args, tmp_path / "out", lambda _: None, series)
+    assert known == ["test_changed"]  # kills no mutant
+    if base_patch is None:
+        assert seen[0].series is None  # the default series
+    else:
+        entries = load_series(seen[0].series).entries
+        assert entries[-1].path.resolve() == (tmp_path / "out" / "baseline" /
+                                              mutants.USER_CHANGE).resolve()
+        assert entries[-1].path.read_text() == base_patch
+
 
 def test_options_that_pick_another_kernel_are_refused():
     assert cli.main(["mutants", "--distro-kernel", "6.1"]) == int(ExitCode.USAGE)
