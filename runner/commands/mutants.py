@@ -190,20 +190,16 @@ def split_patch(text: str, strip: int = 1) -> dict[str, str]:
     return {rel: "".join(body) for rel, body in sections.items()}
 
 
-def added_lines(section: str) -> set[int]:
-    """1-based line numbers, in the patched file, of the lines a diff section adds."""
-    lines: set[int] = set()
-    new_line = 0
-    for line in section.splitlines():
-        hunk = re.match(r"^@@ -\d+(?:,\d+)? \+(\d+)(?:,\d+)? @@", line)
-        if hunk:
-            new_line = int(hunk.group(1))
-        elif new_line and line.startswith("+") and not line.startswith("+++"):
-            lines.add(new_line)
-            new_line += 1
-        elif new_line and (line.startswith(" ") or line == ""):
-            new_line += 1
-    return lines
+def added_lines(before: str, after: str) -> set[int]:
+    """1-based line numbers, in `after`, of the lines a change inserted or rewrote.
+
+    Read from the two texts, not from the user's diff: its line numbers are the
+    pristine file's, and the series applied underneath moves them.
+    """
+    matcher = difflib.SequenceMatcher(None, before.splitlines(), after.splitlines(),
+                                      autojunk=False)
+    return {number + 1 for tag, _, _, j1, j2 in matcher.get_opcodes()
+            if tag in ("insert", "replace") for number in range(j1, j2)}
 
 
 def patch_text(text: str, section: str, rel: str) -> str:
@@ -314,13 +310,14 @@ def _context_mutant(rel, before, line, after, mutated, mutant_id, what) -> Mutan
                   breaks=f"{what} of the user's change")
 
 
-def diff_mutants(diff_text: str, texts_after: dict[str, str]) -> list[Mutant]:
-    """Operator mutants of every line the user's diff adds (texts_after: files with it applied)."""
+def diff_mutants(texts_before: dict[str, str], texts_after: dict[str, str]) -> list[Mutant]:
+    """Operator mutants of every line the user's change adds (texts_before: the files after
+    the series, texts_after: with the change on top)."""
     mutants: list[Mutant] = []
-    for rel, section in split_patch(diff_text).items():
-        if rel in texts_after:
-            mutants.extend(m for m in operator_mutants(rel, texts_after[rel], added_lines(section))
-                           if texts_after[rel].count(m.find) == 1)  # ambiguous spots skipped
+    for rel, after in texts_after.items():
+        lines = added_lines(texts_before[rel], after)
+        mutants.extend(m for m in operator_mutants(rel, after, lines)
+                       if after.count(m.find) == 1)  # ambiguous spots skipped
     seen: set[str] = set()
     return [m for m in mutants if not (m.id in seen or seen.add(m.id))]
 
@@ -567,7 +564,7 @@ def prepare(args: argparse.Namespace,
         except ValueError as exc:
             raise UsageError(f"--from-diff: {exc} (on the default source + series)") from None
     if args.from_diff:
-        mutants = select(diff_mutants(args.from_diff.read_text(), base_change), args.only)
+        mutants = select(diff_mutants(texts, base_change), args.only)
         if not mutants:
             raise UsageError(f"--from-diff: {args.from_diff} adds no line an operator applies to")
     patches = {}

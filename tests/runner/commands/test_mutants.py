@@ -152,13 +152,13 @@ def test_post_series_texts_apply_the_series_sections_of_each_file(tmp_path):
 
 
 def test_split_patch_and_added_lines():
-    patch = mutants.unified_patch({
-        "a/x.c": ("1\n2\n3\n4\n5\n6\n7\n8\n", "1\n2\nnew\n3\n4\n5\n6\n7\nlast\n8\n"),
-        "b/y.c": ("k\n", "k2\n")})
+    before, after = "1\n2\n3\n4\n5\n6\n7\n8\n", "1\n2\nnew\n3\n4\n5\n6\n7\nlast\n8\n"
+    patch = mutants.unified_patch({"a/x.c": (before, after), "b/y.c": ("k\n", "k2\n")})
     sections = mutants.split_patch("From: someone\n\n" + patch)
     assert set(sections) == {"a/x.c", "b/y.c"}
-    assert mutants.added_lines(sections["a/x.c"]) == {3, 9}
-    assert mutants.added_lines(sections["b/y.c"]) == {1}
+    assert mutants.added_lines(before, after) == {3, 9}
+    assert mutants.added_lines("k\n", "k2\n") == {1}
+    assert mutants.added_lines(after, before) == set()  # removals add nothing
 
 
 # --- --from-diff -------------------------------------------------------------------------------
@@ -179,14 +179,20 @@ def test_operator_mutants_touch_only_the_given_lines():
 
 
 def test_diff_mutants_follow_the_users_added_lines():
-    before = "a\nb\nc\nd\ne\n"
-    after = "a\nb\nif (x != NULL)\nc\nd\ne\n"
-    diff = mutants.unified_patch({"net/f.c": (before, after)})
-    made = mutants.diff_mutants(diff, {"net/f.c": after})
-    assert [m.id for m in made] == ["f-c-3-ne-to-eq"]
-    assert "if (x == NULL)" in mutants.apply_edit(after, made[0])
+    """The user's diff is against the pristine file; the series underneath moves its lines.
+    The mutant must land on the line the user added, wherever the series put it."""
+    pristine = "a\nb\nc\nd\ne\n"
+    user_diff = mutants.unified_patch({"net/f.c": (pristine,
+                                                   "a\nb\nif (x != NULL)\nc\nd\ne\n")})
+    after_series = "series 1\nseries 2\na\nb\nc\nd\ne\n"
+    with_change = mutants.patch_text(after_series, mutants.split_patch(user_diff)["net/f.c"],
+                                     "net/f.c")
+    assert with_change == "series 1\nseries 2\na\nb\nif (x != NULL)\nc\nd\ne\n"
+    made = mutants.diff_mutants({"net/f.c": after_series}, {"net/f.c": with_change})
+    assert [m.id for m in made] == ["f-c-5-ne-to-eq"]
+    assert "if (x == NULL)" in mutants.apply_edit(with_change, made[0])
     # The mutant's patch carries the user's change as well.
-    patch = mutants.mutant_patch(made[0], {"net/f.c": before}, {"net/f.c": after})
+    patch = mutants.mutant_patch(made[0], {"net/f.c": after_series}, {"net/f.c": with_change})
     assert "+if (x == NULL)" in patch and "+if (x != NULL)" not in patch
 
 
