@@ -5,7 +5,7 @@ storage map (check_map_func_compatibility: EINVAL otherwise), `value` is
 ARG_PTR_TO_MAP_VALUE_OR_NULL: NULL or a pointer to value_size readable bytes (EACCES
 for a non-zero scalar or a pointer of another kind).
 bpf_sk_storage_delete(map, sk) has the same map rule. The rule also holds the other way
-round: an sk storage map is refused by every other map helper.
+round: the generic map helpers (lookup and delete here) refuse an sk storage map.
 """
 
 from __future__ import annotations
