@@ -19,7 +19,6 @@ from bpfkit.asm import (
     ADD,
     DW,
     JEQ,
-    JNE,
     R0,
     R1,
     R2,
@@ -291,18 +290,6 @@ def storage_get_program(map_fd: int, sk_arg: str, helper: str = "sk_storage_get"
     ] + allow_and_exit())
 
 
-def map_lookup_program(map_fd: int) -> bytes:
-    """bpf_map_lookup_elem(map, &key) with a 4-byte zero key on the stack."""
-    return assemble([
-        st_mem(W, R10, -4, 0),               # key = 0 at fp-4
-        ld_map_fd(R1, map_fd),               # r1 = map
-        mov64_reg(R2, R10),
-        alu64_imm(ADD, R2, -4),              # r2 = &key
-        call("map_lookup_elem"),
-        jmp_imm(JNE, R0, 0, "out"),          # the result is not used either way
-    ] + allow_and_exit())
-
-
 def rejection(program: bytes) -> syscall.BpfError:
     """The verifier's rejection of a program that must not load (a loaded one fails the test)."""
     try:
@@ -331,23 +318,6 @@ def test_verifier_rejects_non_socket_sk_argument(storage_map, sk_arg):
     # Older verifiers (seen on 5.10) call a scalar "inv" (invalid) in their log.
     names = {"ctx": ("ctx",), "scalar": ("scalar", "inv")}[sk_arg]
     assert any(f"R2 type={name} " in err.detail for name in names), err.detail
-
-
-def test_verifier_rejects_other_map_type_for_storage_get(closing):
-    """An array map passed to bpf_sk_storage_get is refused with EINVAL."""
-    array = closing(maps.create_map(syscall.BPF_MAP_TYPE_ARRAY, 4, 8, 1))
-    err = rejection(storage_get_program(array, "socket"))
-    assert err.errno == errno.EINVAL
-    assert "cannot pass map_type 2 into func bpf_sk_storage_get" in err.detail
-
-
-def test_verifier_rejects_storage_map_for_map_lookup_elem(storage_map, closing):
-    """An sk storage map passed to bpf_map_lookup_elem is refused with EINVAL; an array loads."""
-    err = rejection(map_lookup_program(storage_map))
-    assert err.errno == errno.EINVAL
-    assert "cannot pass map_type 24 into func bpf_map_lookup_elem" in err.detail
-    array = closing(maps.create_map(syscall.BPF_MAP_TYPE_ARRAY, 4, 8, 1))
-    load_egress(map_lookup_program(array), closing)
 
 
 def test_run_stats_mechanism_is_available():
