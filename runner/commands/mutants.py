@@ -699,7 +699,7 @@ def baseline(args: argparse.Namespace, out: Path, log: Callable[[str], None],
     known, problem = baseline_failures(target)
     if problem:
         raise UsageError(problem + (f" ({error})" if error else ""))
-    log(f"mutants: unmutated kernel: {len(known)} failing test(s) that kill no mutant"
+    log(f"mutants: {what}: {len(known)} failing test(s) that kill no mutant"
         + (f": {', '.join(known[:SHOWN_FAILURES])}" if known else "")
         + f" ({format_seconds(seconds)})")
     return known
