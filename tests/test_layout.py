@@ -48,3 +48,13 @@ def test_guest_code_imports_only_the_standard_library_and_bpfkit():
             for name in names:
                 top = name.split(".")[0]
                 assert top in sys.stdlib_module_names or top == "bpfkit", f"{path.name} imports {name}"
+
+
+def test_the_readme_argues_every_equivalent_mutant():
+    """The README's table of equivalent mutants is the catalogue's list, no more, no less."""
+    import json
+
+    section = readme_section("Does the suite see every change? `run-selftests mutants`")
+    argued = re.findall(r"^\| `([a-z0-9-]+)` \| [^|]{20,} \|$", section, re.MULTILINE)
+    catalogue = json.loads((REPO / "kernel_patches" / "mutants" / "catalogue.json").read_text())
+    assert sorted(argued) == sorted(e["id"] for e in catalogue if e.get("equivalent"))
