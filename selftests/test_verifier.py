@@ -80,11 +80,12 @@ def init_value_get(map_fd: int, init: str) -> list:
     ]
 
 
-def delete_call(map_fd: int, swapped: bool = False) -> list:
-    """bpf_sk_storage_delete(map, sk), or with the two arguments swapped."""
-    if swapped:
-        return [mov64_reg(R1, R7), ld_map_fd(R2, map_fd), call("sk_storage_delete")]
-    return [ld_map_fd(R1, map_fd), mov64_reg(R2, R7), call("sk_storage_delete")]
+def delete_call(map_fd: int, slots: str = "map-sk") -> list:
+    """bpf_sk_storage_delete(map, sk); "sk-map" swaps the two, "map-map" passes the map
+    in both slots."""
+    first = ld_map_fd(R1, map_fd) if slots.startswith("map") else mov64_reg(R1, R7)
+    second = ld_map_fd(R2, map_fd) if slots.endswith("map") else mov64_reg(R2, R7)
+    return [first, second, call("sk_storage_delete")]
 
 
 def load(insns: bytes) -> int:
@@ -162,6 +163,12 @@ def test_storage_map_in_a_generic_map_helper_is_einval(helper, storage_map, clos
         in err.detail
 
 
-def test_delete_with_arguments_swapped_is_eacces(storage_map):
-    """The socket in the map slot and the map in the socket slot: EACCES."""
-    assert rejection(program(delete_call(storage_map, swapped=True))).errno == errno.EACCES
+@pytest.mark.parametrize("slots", ["sk-map", "map-map"], ids=["swapped", "map-as-socket"])
+def test_delete_with_a_map_in_the_socket_slot_is_eacces(slots, storage_map):
+    """A map pointer where bpf_sk_storage_delete wants the socket is refused with EACCES:
+    with the two arguments swapped, and with the map also in its own slot, where only the
+    socket slot's type check can refuse it."""
+    err = rejection(program(delete_call(storage_map, slots)))
+    assert err.errno == errno.EACCES
+    if slots == "map-map":
+        assert "R2 type=map_ptr expected=" in err.detail, err.detail
