@@ -153,7 +153,7 @@ def map_free_round(round_number: int, families: list[int], scale: Scale) -> bool
     map_fd = maps.create_sk_storage_map(VALUE_SIZE, name="stress_free")
     map_id = maps.map_info(map_fd).id
     ballast = [sockets.bound_socket(families[0], socket.SOCK_DGRAM) for _ in range(scale.ballast)]
-    ballast_baselines = [sockdiag.socket_record(sock).optmem for sock in ballast]
+    ballast_baselines = [charges.optmem_now(sock) for sock in ballast]
     for n, sock in enumerate(ballast):
         maps.update(map_fd, sock.fileno(), struct.pack("=QQ", round_number, n))
     worker_fds = [os.dup(map_fd) for _ in range(scale.threads)]
@@ -172,7 +172,7 @@ def map_free_round(round_number: int, families: list[int], scale: Scale) -> bool
     def worker(index: int) -> None:
         family = families[index % len(families)]
         mine = worker_sockets(family, scale.sockets)
-        baseline = sockdiag.socket_record(mine[0]).optmem
+        baseline = charges.optmem_now(mine[0])
         for n, sock in enumerate(mine):
             maps.update(worker_fds[index], sock.fileno(),
                         struct.pack("=QQ", round_number, index << 32 | n))
@@ -208,7 +208,7 @@ def map_free_round(round_number: int, families: list[int], scale: Scale) -> bool
             lambda: int(map_id not in maps.map_ids()), 1, CLEANUP_TIMEOUT)
         assert reached, f"round {round_number}: map id {map_id} outlived its last fd"
         reached, last = elements.wait_for(
-            lambda: sum(sockdiag.socket_record(s).optmem for s in survivors),
+            lambda: sum(charges.optmem_now(s) for s in survivors),
             sum(survivor_baselines), CLEANUP_TIMEOUT)
         assert reached, (f"round {round_number}: survivors charged {last} bytes, "
                          f"{sum(survivor_baselines)} before they had storage")
