@@ -566,9 +566,7 @@ def _applied(
                 log(f"patches: applied {item.entry.name} ({method})")
         yield applied
     finally:
-        with signals_deferred():
-            journal.restore()
-            journal.discard()
+        replay_journal(journal_dir)
 
 
 # --- keeping rebuilds incremental ------------------------------------------------------------
