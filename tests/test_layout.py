@@ -4,6 +4,7 @@ and what runs off-host imports only the standard library and the suite's bpfkit.
 from __future__ import annotations
 
 import ast
+import json
 import re
 import sys
 
@@ -52,8 +53,6 @@ def test_guest_code_imports_only_the_standard_library_and_bpfkit():
 
 def test_the_readme_argues_every_equivalent_mutant():
     """The README's table of equivalent mutants is the catalogue's list, no more, no less."""
-    import json
-
     section = readme_section("Does the suite see every change? `run-selftests mutants`")
     argued = re.findall(r"^\| `([a-z0-9-]+)` \| [^|]{20,} \|$", section, re.MULTILINE)
     catalogue = json.loads((REPO / "kernel_patches" / "mutants" / "catalogue.json").read_text())
